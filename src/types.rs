@@ -1,0 +1,194 @@
+//! The openraft type configuration and the records that travel through the Raft log.
+//!
+//! Everything in this module is part of the replicated state or of the wire format between
+//! nodes: changing a field changes what is stored in the log, so it is done with care.
+
+use std::fmt;
+
+use serde::de::{MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use uuid::Uuid;
+
+/// Raft node identifier, taken from the `node_id` config key.
+pub type NodeId = u64;
+
+/// How a node is reached: peers use `raft_addr`, clients and forwarded writes use `api_addr`.
+///
+/// Both are `host:port` strings exactly as the node advertised them when it joined.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub raft_addr: String,
+    pub api_addr: String,
+}
+
+impl fmt::Display for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "raft={} api={}", self.raft_addr, self.api_addr)
+    }
+}
+
+openraft::declare_raft_types!(
+    /// The Raft type configuration of chatraftd.
+    pub TypeConfig:
+        D = Request,
+        R = Response,
+        NodeId = NodeId,
+        Node = Node,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;
+pub type Entry = openraft::Entry<TypeConfig>;
+pub type LogId = openraft::LogId<NodeId>;
+pub type StoredMembership = openraft::StoredMembership<NodeId, Node>;
+pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, Node>;
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// A vector clock as the client sent it: `{"alice": 3, "bob": 1}`.
+///
+/// The key order of the client's JSON object is kept, so the clock is handed back exactly as
+/// it was sent. It is opaque to the server and never influences ordering.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VectorClock(pub Vec<(String, u64)>);
+
+impl VectorClock {
+    /// Two clocks carry the same information when they map the same keys to the same values,
+    /// whatever the key order.
+    pub fn same_entries(&self, other: &VectorClock) -> bool {
+        let mut a: Vec<_> = self.0.iter().collect();
+        let mut b: Vec<_> = other.0.iter().collect();
+        a.sort();
+        b.sort();
+        a == b
+    }
+}
+
+impl Serialize for VectorClock {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for VectorClock {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ClockVisitor;
+        impl<'de> Visitor<'de> for ClockVisitor {
+            type Value = VectorClock;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object mapping node names to non-negative integers")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<VectorClock, A::Error> {
+                let mut entries: Vec<(String, u64)> = Vec::new();
+                while let Some((k, v)) = access.next_entry::<String, u64>()? {
+                    if entries.iter().any(|(seen, _)| *seen == k) {
+                        return Err(serde::de::Error::custom(format!("duplicate key `{k}`")));
+                    }
+                    entries.push((k, v));
+                }
+                Ok(VectorClock(entries))
+            }
+        }
+        deserializer.deserialize_map(ClockVisitor)
+    }
+}
+
+/// A validated message as it is proposed to the Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewMessage {
+    pub msg_id: Uuid,
+    pub conv_id: String,
+    pub sender: String,
+    pub payload: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector_clock: Option<VectorClock>,
+    /// The proposing leader's wall clock, milliseconds since the Unix epoch.
+    pub committed_at_ms: i64,
+}
+
+impl NewMessage {
+    /// Whether a retry carries the same content as the stored record (the de-duplication rule).
+    pub fn same_content(&self, r: &Record) -> bool {
+        let clocks_match = match (&self.vector_clock, &r.vector_clock) {
+            (None, None) => true,
+            (Some(a), Some(b)) => a.same_entries(b),
+            _ => false,
+        };
+        self.conv_id == r.conv_id && self.sender == r.sender && self.payload == r.payload && clocks_match
+    }
+}
+
+/// The application command stored in a Raft log entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Append one chat message to its conversation.
+    Post(NewMessage),
+}
+
+/// A committed chat message, identical on every replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// Raft log index of the entry: the global commit order.
+    pub index: u64,
+    /// Position inside the conversation: 1, 2, 3, ... without gaps.
+    pub seq: u64,
+    /// Term of the leader that proposed the entry.
+    pub term: u64,
+    pub conv_id: String,
+    pub msg_id: Uuid,
+    pub sender: String,
+    pub payload: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vector_clock: Option<VectorClock>,
+    /// The leader's clock when it proposed the message, RFC 3339 in UTC with milliseconds.
+    pub committed_at: String,
+}
+
+/// What applying an entry produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// A blank or membership entry: nothing for a client.
+    None,
+    /// The message was stored as this record.
+    Stored(Record),
+    /// The `msg_id` was already stored with the same content: the original record.
+    Duplicate(Record),
+    /// The `msg_id` was already stored with different content: the stored record.
+    Conflict(Record),
+}
+
+/// Formats milliseconds since the epoch as RFC 3339 UTC with millisecond precision.
+pub fn format_millis(ms: i64) -> String {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        // Out of chrono's range only for a clock hundreds of thousands of years off.
+        None => ms.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_clock_keeps_key_order_and_rejects_duplicates() {
+        let vc: VectorClock = serde_json::from_str(r#"{"zed":2,"alice":1}"#).unwrap();
+        assert_eq!(serde_json::to_string(&vc).unwrap(), r#"{"zed":2,"alice":1}"#);
+        assert!(serde_json::from_str::<VectorClock>(r#"{"a":1,"a":2}"#).is_err());
+        assert!(serde_json::from_str::<VectorClock>(r#"{"a":-1}"#).is_err());
+        assert!(serde_json::from_str::<VectorClock>(r#"{"a":"x"}"#).is_err());
+        let other: VectorClock = serde_json::from_str(r#"{"alice":1,"zed":2}"#).unwrap();
+        assert!(vc.same_entries(&other));
+    }
+
+    #[test]
+    fn millis_format_is_rfc3339() {
+        assert_eq!(format_millis(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_millis(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+    }
+}
