@@ -124,7 +124,9 @@ impl Default for Config {
                 max_vector_clock_entries: 64,
                 max_page: 1_000,
             },
-            log: LogConfig { level: "info".into() },
+            log: LogConfig {
+                level: "info".into(),
+            },
         }
     }
 }
@@ -191,7 +193,10 @@ impl Config {
             message,
         };
         if self.node_id == 0 {
-            return Err(err("node_id", "must be set to a number from 1 up, unique in the cluster".into()));
+            return Err(err(
+                "node_id",
+                "must be set to a number from 1 up, unique in the cluster".into(),
+            ));
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(err("data_dir", "must not be empty".into()));
@@ -199,7 +204,10 @@ impl Config {
         let api_listen = parse_listen(&self.api.listen).map_err(|m| err("api.listen", m))?;
         let raft_listen = parse_listen(&self.raft.listen).map_err(|m| err("raft.listen", m))?;
         if api_listen == raft_listen {
-            return Err(err("raft.listen", format!("is the same address as api.listen ({api_listen})")));
+            return Err(err(
+                "raft.listen",
+                format!("is the same address as api.listen ({api_listen})"),
+            ));
         }
         check_advertise(&self.api.advertise, api_listen).map_err(|m| err("api.advertise", m))?;
         check_advertise(&self.raft.advertise, raft_listen).map_err(|m| err("raft.advertise", m))?;
@@ -216,13 +224,19 @@ impl Config {
         if r.election_timeout_min_ms <= r.heartbeat_interval_ms {
             return Err(err(
                 "raft.election_timeout_min_ms",
-                format!("must be above raft.heartbeat_interval_ms ({})", r.heartbeat_interval_ms),
+                format!(
+                    "must be above raft.heartbeat_interval_ms ({})",
+                    r.heartbeat_interval_ms
+                ),
             ));
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return Err(err(
                 "raft.election_timeout_max_ms",
-                format!("must be above raft.election_timeout_min_ms ({})", r.election_timeout_min_ms),
+                format!(
+                    "must be above raft.election_timeout_min_ms ({})",
+                    r.election_timeout_min_ms
+                ),
             ));
         }
         if r.snapshot_threshold == 0 {
@@ -239,10 +253,16 @@ impl Config {
         }
         let l = &self.limits;
         if l.max_payload_bytes == 0 || l.max_sender_bytes == 0 || l.max_page == 0 {
-            return Err(err("limits", "max_payload_bytes, max_sender_bytes and max_page must be above 0".into()));
+            return Err(err(
+                "limits",
+                "max_payload_bytes, max_sender_bytes and max_page must be above 0".into(),
+            ));
         }
         if l.max_body_bytes < l.max_payload_bytes as u64 {
-            return Err(err("limits.max_body_bytes", "must be at least limits.max_payload_bytes".into()));
+            return Err(err(
+                "limits.max_body_bytes",
+                "must be at least limits.max_payload_bytes".into(),
+            ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(err("log.level", format!("is not a valid filter: {e}")));
@@ -283,7 +303,11 @@ fn non_empty_or(a: &str, b: &str) -> String {
 }
 
 fn file_error(file: &str, message: &str) -> ConfigError {
-    ConfigError { source: file.to_string(), key: String::new(), message: message.to_string() }
+    ConfigError {
+        source: file.to_string(),
+        key: String::new(),
+        message: message.to_string(),
+    }
 }
 
 fn from_figment(file: &str, e: figment::Error) -> ConfigError {
@@ -301,12 +325,17 @@ fn from_figment(file: &str, e: figment::Error) -> ConfigError {
     };
     // figment's own text repeats the key and source; keep just the reason.
     let message = e.kind.to_string();
-    ConfigError { source, key, message }
+    ConfigError {
+        source,
+        key,
+        message,
+    }
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
-    s.parse::<SocketAddr>()
-        .map_err(|_| format!("`{s}` is not an IP address with a port (like 127.0.0.1:8081 or [::]:8081)"))
+    s.parse::<SocketAddr>().map_err(|_| {
+        format!("`{s}` is not an IP address with a port (like 127.0.0.1:8081 or [::]:8081)")
+    })
 }
 
 /// `host:port` where host is a name or an address and port is a number.
@@ -316,7 +345,10 @@ fn check_host_port(s: &str) -> Result<(), String> {
     }
     let bad = || format!("`{s}` is not host:port (like node1.example.net:8081)");
     let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
-    if host.is_empty() || host.contains(['/', ' ', '[', ']']) || port.parse::<u16>().map_or(true, |p| p == 0) {
+    if host.is_empty()
+        || host.contains(['/', ' ', '[', ']'])
+        || port.parse::<u16>().map_or(true, |p| p == 0)
+    {
         return Err(bad());
     }
     Ok(())
@@ -380,6 +412,29 @@ mod tests {
     fn missing_file_is_named() {
         let e = Config::load(Path::new("/nonexistent/chatraftd.toml")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/chatraftd.toml"), "{e}");
+    }
+
+    #[test]
+    fn reference_file_holds_the_defaults() {
+        let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/etc/chatraftd.toml"));
+        let c = Config::load(path).unwrap();
+        assert_eq!(
+            c,
+            Config {
+                node_id: 1,
+                ..Config::default()
+            }
+        );
+        for i in 1..=3 {
+            let path = PathBuf::from(format!(
+                "{}/etc/local/node{i}.toml",
+                env!("CARGO_MANIFEST_DIR")
+            ));
+            let c = Config::load(&path).unwrap();
+            assert_eq!(c.node_id, i);
+            assert_eq!(c.api_advertise(), format!("127.0.0.1:{}", 8080 + i));
+            assert_eq!(c.raft_advertise(), format!("127.0.0.1:{}", 12000 + i));
+        }
     }
 
     #[test]

@@ -3,6 +3,19 @@
 //! # Layout
 //! - [`config`]: the TOML file and `CHATRAFTD_*` overrides, validated into a typed `Config`.
 //! - [`types`]: the openraft type configuration and what travels through the Raft log.
+//! - [`store`]: SQLite storage: the Raft log, the state machine (the message table, the only
+//!   writer of it), snapshots, and the read pool the API uses.
+//! - [`network`]: Raft RPC over HTTP, client and server side, and the shared HTTP client.
+//! - [`api`]: the client HTTP API: messages, stream, history, join, status, health.
+//! - [`server`]: wiring of one node, bootstrap and join, ordered shutdown.
+//! - [`sys`]: logging and signals.
+//! - [`local_cluster`]: the `local-cluster` subcommand.
 
+pub mod api;
 pub mod config;
+pub mod local_cluster;
+pub mod network;
+pub mod server;
+pub mod store;
+pub mod sys;
 pub mod types;

@@ -1,1 +1,88 @@
-fn main() {}
+//! The `chatraftd` command: parses the command line, and turns every failure into a message on
+//! stderr and an exit code (0 clean stop, 1 failure, 2 configuration or usage error).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use chatraftd::config::{self, Config};
+use chatraftd::{local_cluster, server, sys};
+
+#[derive(Parser)]
+#[command(
+    name = "chatraftd",
+    version,
+    about = "A replicated, totally ordered chat-message log on Raft and SQLite"
+)]
+struct Cli {
+    /// The config file [default: $CHATRAFTD_CONFIG, else /etc/chatraftd/chatraftd.toml]
+    #[arg(long, short = 'c', global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Validate the config file and exit (0 when it is good, 2 when it is not)
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default)
+    Run,
+    /// Validate the config file and exit
+    CheckConfig,
+    /// Run a local cluster of several nodes on 127.0.0.1 until Ctrl-C
+    LocalCluster(local_cluster::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::LocalCluster(args)) => return local_cluster::run(args),
+        Some(Command::CheckConfig) => return check_config(cli.config),
+        Some(Command::Run) | None if cli.check_config => return check_config(cli.config),
+        Some(Command::Run) | None => {}
+    }
+    let path = config::resolve_path(cli.config.as_deref());
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("chatraftd: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    sys::init_logging(&config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chatraftd: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(server::run(config, sys::stop_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("chatraftd: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn check_config(cli_path: Option<PathBuf>) -> ExitCode {
+    let path = config::resolve_path(cli_path.as_deref());
+    match Config::load(&path) {
+        Ok(_) => {
+            println!("config OK: {}", path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("chatraftd: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -119,7 +119,10 @@ impl NewMessage {
             (Some(a), Some(b)) => a.same_entries(b),
             _ => false,
         };
-        self.conv_id == r.conv_id && self.sender == r.sender && self.payload == r.payload && clocks_match
+        self.conv_id == r.conv_id
+            && self.sender == r.sender
+            && self.payload == r.payload
+            && clocks_match
     }
 }
 
@@ -178,7 +181,10 @@ mod tests {
     #[test]
     fn vector_clock_keeps_key_order_and_rejects_duplicates() {
         let vc: VectorClock = serde_json::from_str(r#"{"zed":2,"alice":1}"#).unwrap();
-        assert_eq!(serde_json::to_string(&vc).unwrap(), r#"{"zed":2,"alice":1}"#);
+        assert_eq!(
+            serde_json::to_string(&vc).unwrap(),
+            r#"{"zed":2,"alice":1}"#
+        );
         assert!(serde_json::from_str::<VectorClock>(r#"{"a":1,"a":2}"#).is_err());
         assert!(serde_json::from_str::<VectorClock>(r#"{"a":-1}"#).is_err());
         assert!(serde_json::from_str::<VectorClock>(r#"{"a":"x"}"#).is_err());

@@ -1,0 +1,367 @@
+//! Membership and health: `POST /join`, `GET /api/v1/status`, `GET /healthz`, `GET /readyz`.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::{ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use warp::http::{HeaderMap, StatusCode};
+use warp::Filter;
+
+use super::error::reply_json;
+use super::{with_state, ApiError, AppState, FORWARDED_HEADER};
+use crate::types::{Node, NodeId};
+
+/// A join waits this long at least: a new node may need a whole snapshot before it is a voter.
+const MIN_JOIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    let join = warp::path!("join")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(warp::header::headers_cloned())
+        .and(warp::body::content_length_limit(64 * 1024))
+        .and(warp::body::bytes())
+        .then(
+            |state: Arc<AppState>, headers: HeaderMap, body: Bytes| async move {
+                reply_json(
+                    join(&state, &headers, &body)
+                        .await
+                        .map(|s| (StatusCode::OK, s)),
+                )
+            },
+        );
+    let status = warp::path!("api" / "v1" / "status")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .then(
+            |state: Arc<AppState>| async move { reply_json(Ok((StatusCode::OK, status(&state)))) },
+        );
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .then(|state: Arc<AppState>| async move {
+            let running = state.raft.metrics().borrow().running_state.is_ok();
+            reply_json(if running {
+                Ok((StatusCode::OK, serde_json::json!({"status": "ok"})))
+            } else {
+                Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_running",
+                    "Raft has stopped on this node",
+                ))
+            })
+        });
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .and(with_state(state))
+        .then(|state: Arc<AppState>| async move {
+            reply_json(match not_ready_reason(&state) {
+                None => Ok((StatusCode::OK, serde_json::json!({"status": "ready"}))),
+                Some(why) => Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not_ready",
+                    why,
+                )),
+            })
+        });
+    join.or(status)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinRequest {
+    node_id: NodeId,
+    raft_addr: String,
+    api_addr: String,
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    node_id: NodeId,
+    role: &'static str,
+    term: u64,
+    leader: Option<LeaderInfo>,
+    last_log_index: u64,
+    commit_index: u64,
+    last_applied: u64,
+    snapshot_index: u64,
+    purged_index: u64,
+    members: Vec<Member>,
+}
+
+#[derive(Serialize)]
+struct LeaderInfo {
+    node_id: NodeId,
+    api_addr: String,
+}
+
+#[derive(Serialize)]
+struct Member {
+    node_id: NodeId,
+    raft_addr: String,
+    api_addr: String,
+    voter: bool,
+}
+
+fn role_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+pub fn status(state: &AppState) -> Status {
+    let m = state.raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+    let members = membership
+        .nodes()
+        .map(|(id, n)| Member {
+            node_id: *id,
+            raft_addr: n.raft_addr.clone(),
+            api_addr: n.api_addr.clone(),
+            voter: voters.contains(id),
+        })
+        .collect();
+    let leader = m.current_leader.map(|id| LeaderInfo {
+        node_id: id,
+        api_addr: membership
+            .get_node(&id)
+            .map(|n| n.api_addr.clone())
+            .unwrap_or_default(),
+    });
+    let last_applied = m.last_applied.map_or(0, |l| l.index);
+    Status {
+        node_id: state.node_id,
+        role: role_name(m.state),
+        term: m.current_term,
+        leader,
+        last_log_index: m.last_log_index.unwrap_or(0),
+        // The committed index the log store last saved; never behind what was applied.
+        commit_index: state.commit_index().max(last_applied),
+        last_applied,
+        snapshot_index: m.snapshot.map_or(0, |l| l.index),
+        purged_index: m.purged.map_or(0, |l| l.index),
+        members,
+    }
+}
+
+fn not_ready_reason(state: &AppState) -> Option<String> {
+    let m = state.raft.metrics().borrow().clone();
+    if let Err(e) = &m.running_state {
+        return Some(format!("Raft has stopped: {e}"));
+    }
+    if m.membership_config
+        .membership()
+        .get_node(&state.node_id)
+        .is_none()
+    {
+        return Some("this node is not a member of a cluster yet".into());
+    }
+    if m.current_leader.is_none() {
+        return Some("no leader is known".into());
+    }
+    let applied = m.last_applied.map_or(0, |l| l.index);
+    let committed = state.commit_index();
+    if applied < committed {
+        return Some(format!(
+            "catching up: applied {applied} of {committed} committed"
+        ));
+    }
+    None
+}
+
+async fn join(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Status, ApiError> {
+    let req: JoinRequest = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", e.to_string())
+        }
+        _ => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not valid JSON: {e}"),
+        ),
+    })?;
+    if req.node_id == 0 {
+        return Err(ApiError::invalid_field("node_id", "must be 1 or more"));
+    }
+    for (field, addr) in [("raft_addr", &req.raft_addr), ("api_addr", &req.api_addr)] {
+        if !looks_like_host_port(addr) {
+            return Err(ApiError::invalid_field(field, "must be host:port"));
+        }
+    }
+    let deadline = Instant::now() + state.write_timeout.max(MIN_JOIN_TIMEOUT);
+    let forwarded = headers.contains_key(FORWARDED_HEADER);
+    loop {
+        let leader = state.raft.metrics().borrow().current_leader;
+        match leader {
+            Some(id) if id == state.node_id => return join_as_leader(state, req, deadline).await,
+            Some(id) if !forwarded => {
+                let addr = state
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.api_addr.clone());
+                if let Some(addr) = addr {
+                    if let Some(result) = forward_join(state, &addr, body, deadline).await {
+                        return result;
+                    }
+                }
+            }
+            Some(_) => {
+                return Err(ApiError {
+                    code: "not_leader",
+                    ..ApiError::unavailable("this node is not the leader")
+                })
+            }
+            None => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::unavailable(
+                "no leader could take the join in time",
+            ));
+        }
+        let mut metrics = state.raft.metrics();
+        let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
+    }
+}
+
+fn looks_like_host_port(s: &str) -> bool {
+    match s.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && !host.contains(['/', ' '])
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        }
+        None => false,
+    }
+}
+
+/// Returns None when the leader could not be reached and the caller should look again.
+async fn forward_join(
+    state: &AppState,
+    addr: &str,
+    body: &[u8],
+    deadline: Instant,
+) -> Option<Result<Status, ApiError>> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let resp = state
+        .client
+        .request(
+            hyper::Method::POST,
+            addr,
+            "/join",
+            &[
+                ("content-type", "application/json"),
+                (FORWARDED_HEADER, "1"),
+            ],
+            Bytes::copy_from_slice(body),
+            left,
+        )
+        .await
+        .ok()?;
+    match resp.status {
+        StatusCode::OK => Some(Ok(status(state))),
+        StatusCode::SERVICE_UNAVAILABLE => None,
+        s => {
+            let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or_default();
+            let code = match v["error"]["code"].as_str() {
+                Some("node_conflict") => "node_conflict",
+                Some("invalid_field") => "invalid_field",
+                _ => "internal",
+            };
+            let message = v["error"]["message"]
+                .as_str()
+                .unwrap_or("the leader refused the join")
+                .to_string();
+            Some(Err(ApiError::new(s, code, message)))
+        }
+    }
+}
+
+async fn join_as_leader(
+    state: &AppState,
+    req: JoinRequest,
+    deadline: Instant,
+) -> Result<Status, ApiError> {
+    // One membership change at a time: the check below must still hold when the change lands.
+    let _guard = tokio::time::timeout_at(deadline, state.membership_lock.lock())
+        .await
+        .map_err(|_| ApiError::unavailable("another membership change is in progress"))?;
+    let node = Node {
+        raft_addr: req.raft_addr.clone(),
+        api_addr: req.api_addr.clone(),
+    };
+    let (is_member, is_voter) = {
+        let m = state.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        match membership.get_node(&req.node_id) {
+            Some(existing) if *existing != node => {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "node_conflict",
+                    format!("node {} is already a member with {existing}", req.node_id),
+                ))
+            }
+            Some(_) => (true, membership.voter_ids().any(|v| v == req.node_id)),
+            None => {
+                if let Some((other, _)) = membership
+                    .nodes()
+                    .find(|(_, n)| n.raft_addr == node.raft_addr || n.api_addr == node.api_addr)
+                {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "node_conflict",
+                        format!("node {other} already uses one of these addresses"),
+                    ));
+                }
+                (false, false)
+            }
+        }
+    };
+    if is_voter {
+        return Ok(status(state));
+    }
+    let raft_failed =
+        |e: String| ApiError::unavailable(format!("the membership change failed: {e}"));
+    if !is_member {
+        tracing::info!(node_id = req.node_id, %node, "adding a learner");
+        tokio::time::timeout_at(deadline, state.raft.add_learner(req.node_id, node, true))
+            .await
+            .map_err(|_| {
+                ApiError::unavailable("the new node did not catch up in time; join again")
+            })?
+            .map_err(|e| raft_failed(e.to_string()))?;
+    }
+    tracing::info!(node_id = req.node_id, "promoting to voter");
+    let voters: BTreeSet<NodeId> = [req.node_id].into();
+    tokio::time::timeout_at(
+        deadline,
+        state
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(voters), false),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::unavailable("the membership change was not committed in time; join again")
+    })?
+    .map_err(|e| raft_failed(e.to_string()))?;
+    Ok(status(state))
+}

@@ -1,0 +1,762 @@
+//! `POST /api/v1/message`, `GET /api/v1/messages`, `GET /api/v1/conversations`, and the
+//! leader's read index for linearizable reads.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
+use tokio::time::Instant;
+use uuid::Uuid;
+use warp::http::{HeaderMap, StatusCode};
+use warp::{Filter, Reply};
+
+use super::error::reply_json;
+use super::{with_state, ApiError, AppState, FORWARDED_HEADER};
+use crate::config::Limits;
+use crate::types::{NewMessage, NodeId, Record, Request, Response, VectorClock};
+
+pub const DEFAULT_CONV: &str = "general";
+
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    let max_body = state.limits.max_body_bytes;
+    let post = warp::path!("api" / "v1" / "message")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(warp::header::headers_cloned())
+        .and(warp::body::content_length_limit(max_body))
+        .and(warp::body::bytes())
+        .then(post_message);
+    let history = warp::path!("api" / "v1" / "messages")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .then(|state: Arc<AppState>, query: String| async move {
+            reply_json(history(&state, &query).await)
+        });
+    let conversations = warp::path!("api" / "v1" / "conversations")
+        .and(warp::get())
+        .and(with_state(state.clone()))
+        .then(|state: Arc<AppState>| async move {
+            reply_json(
+                state
+                    .reader
+                    .conversations()
+                    .await
+                    .map(|c| (StatusCode::OK, serde_json::json!({ "conversations": c })))
+                    .map_err(|e| ApiError::internal(e.to_string())),
+            )
+        });
+    let read_index = warp::path!("api" / "v1" / "internal" / "read-index")
+        .and(warp::get())
+        .and(with_state(state))
+        .then(|state: Arc<AppState>| async move {
+            reply_json(
+                leader_read_index(&state)
+                    .await
+                    .map(|index| (StatusCode::OK, serde_json::json!({ "index": index }))),
+            )
+        });
+    post.or(history)
+        .unify()
+        .or(conversations)
+        .unify()
+        .or(read_index)
+        .unify()
+}
+
+/// The request body as clients send it. Fields are taken loosely typed so that a wrong type is
+/// reported with the field's name.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PostBody {
+    conv_id: Option<Value>,
+    sender: Option<Value>,
+    payload: Option<Value>,
+    msg_id: Option<Value>,
+    /// Kept raw so the client's key order survives into the record.
+    vector_clock: Option<Box<RawValue>>,
+}
+
+/// A validated message before the leader stamps it; also the body a follower forwards.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Validated {
+    msg_id: Uuid,
+    conv_id: String,
+    sender: String,
+    payload: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vector_clock: Option<VectorClock>,
+}
+
+/// Checks a conversation name: 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn check_conv_id(conv: &str) -> Result<(), ApiError> {
+    let ok = !conv.is_empty()
+        && conv.len() <= 64
+        && conv
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_field(
+            "conv_id",
+            "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+        ))
+    }
+}
+
+fn validate(headers: &HeaderMap, body: &[u8], limits: &Limits) -> Result<Validated, ApiError> {
+    let content_type = headers
+        .get(warp::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    if !mime.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send the message as Content-Type: application/json",
+        ));
+    }
+    let parsed: PostBody = serde_json::from_slice(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", e.to_string())
+        }
+        _ => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("the body is not valid JSON: {e}"),
+        ),
+    })?;
+
+    let conv_id = match parsed.conv_id {
+        None | Some(Value::Null) => DEFAULT_CONV.to_string(),
+        Some(Value::String(s)) => s,
+        Some(_) => return Err(ApiError::invalid_field("conv_id", "must be a string")),
+    };
+    check_conv_id(&conv_id)?;
+
+    let sender = match parsed.sender {
+        Some(Value::String(s)) => s,
+        None | Some(Value::Null) => return Err(ApiError::invalid_field("sender", "is required")),
+        Some(_) => return Err(ApiError::invalid_field("sender", "must be a string")),
+    };
+    if sender.is_empty() || sender.len() > limits.max_sender_bytes {
+        return Err(ApiError::invalid_field(
+            "sender",
+            &format!("must be 1 to {} bytes long", limits.max_sender_bytes),
+        ));
+    }
+
+    let payload = match parsed.payload {
+        Some(Value::String(s)) => s,
+        None | Some(Value::Null) => return Err(ApiError::invalid_field("payload", "is required")),
+        Some(_) => return Err(ApiError::invalid_field("payload", "must be a string")),
+    };
+    if payload.len() > limits.max_payload_bytes {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "`payload` is {} bytes; the limit is {} (limits.max_payload_bytes)",
+                payload.len(),
+                limits.max_payload_bytes
+            ),
+        ));
+    }
+
+    let msg_id = match parsed.msg_id {
+        None | Some(Value::Null) => Uuid::new_v4(),
+        Some(Value::String(s)) => {
+            Uuid::parse_str(&s).map_err(|_| ApiError::invalid_field("msg_id", "must be a UUID"))?
+        }
+        Some(_) => return Err(ApiError::invalid_field("msg_id", "must be a UUID string")),
+    };
+
+    let vector_clock = match parsed.vector_clock {
+        None => None,
+        Some(raw) if raw.get() == "null" => None,
+        Some(raw) => {
+            let vc: VectorClock = serde_json::from_str(raw.get()).map_err(|e| {
+                ApiError::invalid_field(
+                    "vector_clock",
+                    &format!("must be an object of names to non-negative integers: {e}"),
+                )
+            })?;
+            if vc.0.len() > limits.max_vector_clock_entries {
+                return Err(ApiError::invalid_field(
+                    "vector_clock",
+                    &format!(
+                        "has {} entries; the limit is {}",
+                        vc.0.len(),
+                        limits.max_vector_clock_entries
+                    ),
+                ));
+            }
+            if vc
+                .0
+                .iter()
+                .any(|(k, _)| k.is_empty() || k.len() > limits.max_sender_bytes)
+            {
+                return Err(ApiError::invalid_field(
+                    "vector_clock",
+                    &format!("keys must be 1 to {} bytes long", limits.max_sender_bytes),
+                ));
+            }
+            Some(vc)
+        }
+    };
+    Ok(Validated {
+        msg_id,
+        conv_id,
+        sender,
+        payload,
+        vector_clock,
+    })
+}
+
+async fn post_message(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> warp::reply::Response {
+    let forwarded = headers.contains_key(FORWARDED_HEADER);
+    let result = match validate(&headers, &body, &state.limits) {
+        Ok(msg) => write(&state, msg, forwarded).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok((created, record)) => {
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            warp::reply::with_status(warp::reply::json(&record), status).into_response()
+        }
+        Err(e) => reply_json::<()>(Err(e)),
+    }
+}
+
+/// Where a write goes next.
+enum Route {
+    Local,
+    Forward(NodeId, String),
+}
+
+/// Stores `msg` through the leader and returns `(newly stored, record)` once the record is
+/// applied on this node.
+async fn write(
+    state: &AppState,
+    msg: Validated,
+    forwarded: bool,
+) -> Result<(bool, Record), ApiError> {
+    let deadline = Instant::now() + state.write_timeout;
+
+    // A retry of something already applied here needs no round through the log.
+    if let Some(existing) = state
+        .reader
+        .by_msg_id(msg.msg_id)
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+    {
+        return settle_existing(&msg, existing);
+    }
+
+    let mut metrics = state.raft.metrics();
+    loop {
+        let route = {
+            let m = metrics.borrow_and_update();
+            match m.current_leader {
+                Some(id) if id == state.node_id => Some(Route::Local),
+                Some(id) => m
+                    .membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| Route::Forward(id, n.api_addr.clone())),
+                None => None,
+            }
+        };
+        let outcome = match route {
+            Some(Route::Local) => propose(state, &msg, deadline).await,
+            Some(Route::Forward(leader, addr)) if !forwarded => {
+                forward(state, &msg, leader, &addr, deadline).await
+            }
+            Some(Route::Forward(leader, _)) => {
+                return Err(ApiError {
+                    code: "not_leader",
+                    ..ApiError::unavailable(format!(
+                        "node {} is not the leader; node {leader} is",
+                        state.node_id
+                    ))
+                })
+            }
+            None => Attempt::Retry,
+        };
+        match outcome {
+            Attempt::Done(created, record) => {
+                wait_applied(state, record.index, deadline).await?;
+                return Ok((created, record));
+            }
+            Attempt::Fail(e) => return Err(e),
+            Attempt::Retry => {}
+        }
+        // No usable leader yet: wait for the metrics to change, or a short back-off after a
+        // failed forward, within the deadline.
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ApiError::unavailable(format!(
+                "no leader could take the write within {} ms (api.write_timeout_ms)",
+                state.write_timeout.as_millis()
+            )));
+        }
+        let pause = (deadline - now).min(Duration::from_millis(100));
+        let _ = tokio::time::timeout(pause, metrics.changed()).await;
+        if *state.shutdown.borrow() {
+            return Err(ApiError::unavailable("the node is shutting down"));
+        }
+    }
+}
+
+enum Attempt {
+    Done(bool, Record),
+    Fail(ApiError),
+    Retry,
+}
+
+fn settle_existing(msg: &Validated, existing: Record) -> Result<(bool, Record), ApiError> {
+    let probe = NewMessage {
+        msg_id: msg.msg_id,
+        conv_id: msg.conv_id.clone(),
+        sender: msg.sender.clone(),
+        payload: msg.payload.clone(),
+        vector_clock: msg.vector_clock.clone(),
+        committed_at_ms: 0,
+    };
+    if probe.same_content(&existing) {
+        Ok((false, existing))
+    } else {
+        Err(conflict(&existing))
+    }
+}
+
+fn conflict(existing: &Record) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "msg_id_conflict",
+        format!(
+            "msg_id {} is already stored with other content (conv_id {}, seq {}, index {})",
+            existing.msg_id, existing.conv_id, existing.seq, existing.index
+        ),
+    )
+}
+
+async fn propose(state: &AppState, msg: &Validated, deadline: Instant) -> Attempt {
+    let req = Request::Post(NewMessage {
+        msg_id: msg.msg_id,
+        conv_id: msg.conv_id.clone(),
+        sender: msg.sender.clone(),
+        payload: msg.payload.clone(),
+        vector_clock: msg.vector_clock.clone(),
+        committed_at_ms: chrono::Utc::now().timestamp_millis(),
+    });
+    match tokio::time::timeout_at(deadline, state.raft.client_write(req)).await {
+        Err(_) => Attempt::Fail(ApiError::unavailable(format!(
+            "the write was not committed within {} ms (api.write_timeout_ms); retry with the same msg_id",
+            state.write_timeout.as_millis()
+        ))),
+        Ok(Ok(resp)) => match resp.data {
+            Response::Stored(r) => Attempt::Done(true, r),
+            Response::Duplicate(r) => Attempt::Done(false, r),
+            Response::Conflict(r) => Attempt::Fail(conflict(&r)),
+            Response::None => Attempt::Fail(ApiError::internal("the log entry produced no record")),
+        },
+        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Attempt::Retry,
+        Ok(Err(e)) => Attempt::Fail(ApiError::unavailable(format!("the write failed: {e}"))),
+    }
+}
+
+/// Forwards to the leader's API; the leader answers once the record is applied there.
+async fn forward(
+    state: &AppState,
+    msg: &Validated,
+    leader: NodeId,
+    addr: &str,
+    deadline: Instant,
+) -> Attempt {
+    let body = match serde_json::to_vec(msg) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => return Attempt::Fail(ApiError::internal(e.to_string())),
+    };
+    let left = deadline.saturating_duration_since(Instant::now());
+    let resp = state
+        .client
+        .request(
+            hyper::Method::POST,
+            addr,
+            "/api/v1/message",
+            &[
+                ("content-type", "application/json"),
+                (FORWARDED_HEADER, "1"),
+            ],
+            body,
+            left,
+        )
+        .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(leader, error = %e, "forwarding a write failed; will retry");
+            return Attempt::Retry;
+        }
+    };
+    match resp.status {
+        StatusCode::CREATED | StatusCode::OK => {
+            match serde_json::from_slice::<Record>(&resp.body) {
+                Ok(r) => Attempt::Done(resp.status == StatusCode::CREATED, r),
+                Err(e) => Attempt::Fail(ApiError::internal(format!(
+                    "the leader's answer was not a record: {e}"
+                ))),
+            }
+        }
+        StatusCode::SERVICE_UNAVAILABLE => Attempt::Retry,
+        StatusCode::CONFLICT => match serde_json::from_slice::<Value>(&resp.body) {
+            Ok(v) => Attempt::Fail(ApiError::new(
+                StatusCode::CONFLICT,
+                "msg_id_conflict",
+                v["error"]["message"]
+                    .as_str()
+                    .unwrap_or("msg_id is already stored with other content")
+                    .to_string(),
+            )),
+            Err(_) => Attempt::Fail(ApiError::new(
+                StatusCode::CONFLICT,
+                "msg_id_conflict",
+                "msg_id is already stored with other content",
+            )),
+        },
+        other => Attempt::Fail(ApiError::internal(format!(
+            "the leader answered {other}: {}",
+            String::from_utf8_lossy(&resp.body)
+        ))),
+    }
+}
+
+/// Waits until this node has applied `index`, so a read here right after sees the write.
+async fn wait_applied(state: &AppState, index: u64, deadline: Instant) -> Result<(), ApiError> {
+    let mut applied = state.reader.applied();
+    let reached = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= index)).await;
+    match reached {
+        Ok(Ok(_)) => Ok(()),
+        _ => Err(ApiError::unavailable(format!(
+            "index {index} is committed but not yet applied on this node; retry with the same msg_id"
+        ))),
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct HistoryQuery {
+    conv_id: String,
+    from: u64,
+    limit: usize,
+    linearizable: bool,
+}
+
+fn parse_history_query(raw: &str, max_page: usize) -> Result<HistoryQuery, ApiError> {
+    let mut q = HistoryQuery {
+        conv_id: DEFAULT_CONV.into(),
+        from: 1,
+        limit: 100.min(max_page),
+        linearizable: false,
+    };
+    for (key, value) in form_pairs(raw)? {
+        match key.as_str() {
+            "conv_id" => q.conv_id = value,
+            "from" => {
+                q.from =
+                    value.parse().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                        ApiError::invalid_field("from", "must be a number from 1 up")
+                    })?
+            }
+            "limit" => {
+                q.limit = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=max_page).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::invalid_field(
+                            "limit",
+                            &format!("must be a number from 1 to {max_page}"),
+                        )
+                    })?
+            }
+            "consistency" => {
+                q.linearizable = match value.as_str() {
+                    "linearizable" => true,
+                    "local" => false,
+                    _ => {
+                        return Err(ApiError::invalid_field(
+                            "consistency",
+                            "must be `local` or `linearizable`",
+                        ))
+                    }
+                }
+            }
+            other => {
+                return Err(ApiError::invalid_field(
+                    other,
+                    "is not a parameter of this path",
+                ))
+            }
+        }
+    }
+    check_conv_id(&q.conv_id)?;
+    Ok(q)
+}
+
+/// Splits a query string into decoded pairs.
+pub fn form_pairs(raw: &str) -> Result<Vec<(String, String)>, ApiError> {
+    serde_urlencoded_pairs(raw).map_err(|e| ApiError::invalid_field("query", &e))
+}
+
+fn serde_urlencoded_pairs(raw: &str) -> Result<Vec<(String, String)>, String> {
+    let mut out = Vec::new();
+    for part in raw.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').unwrap_or((part, ""));
+        out.push((percent_decode(k)?, percent_decode(v)?));
+    }
+    Ok(out)
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = bytes
+                    .get(i + 1..i + 3)
+                    .and_then(|h| std::str::from_utf8(h).ok());
+                let byte = hex
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or("has a bad %-escape")?;
+                out.push(byte);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).map_err(|_| "is not UTF-8".to_string())
+}
+
+#[derive(Serialize)]
+struct Page {
+    conv_id: String,
+    messages: Vec<Record>,
+    /// The `from` to ask for the next page.
+    next_from: u64,
+    /// The conversation's last seq when the page was read.
+    last_seq: u64,
+}
+
+async fn history(state: &AppState, raw_query: &str) -> Result<(StatusCode, Page), ApiError> {
+    let q = parse_history_query(raw_query, state.limits.max_page)?;
+    if q.linearizable {
+        linearizable_barrier(state).await?;
+    }
+    let internal = |e: crate::store::StoreError| ApiError::internal(e.to_string());
+    let last_seq = state.reader.last_seq(&q.conv_id).await.map_err(internal)?;
+    let messages = state
+        .reader
+        .page(&q.conv_id, q.from, q.limit)
+        .await
+        .map_err(internal)?;
+    let next_from = messages.last().map_or(q.from, |r| r.seq + 1);
+    Ok((
+        StatusCode::OK,
+        Page {
+            conv_id: q.conv_id,
+            messages,
+            next_from,
+            last_seq: last_seq.max(next_from - 1),
+        },
+    ))
+}
+
+/// Waits until this node has applied everything that was committed when the read began.
+async fn linearizable_barrier(state: &AppState) -> Result<(), ApiError> {
+    let deadline = Instant::now() + state.write_timeout;
+    let index = loop {
+        let leader = state.raft.metrics().borrow().current_leader;
+        let attempt = match leader {
+            Some(id) if id == state.node_id => leader_read_index(state).await.map(Some),
+            Some(id) => {
+                let addr = state
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.api_addr.clone());
+                match addr {
+                    Some(addr) => remote_read_index(state, &addr, deadline).await,
+                    None => Ok(None),
+                }
+            }
+            None => Ok(None),
+        };
+        match attempt {
+            Ok(Some(index)) => break index,
+            Ok(None) => {}
+            Err(e) if e.status == StatusCode::SERVICE_UNAVAILABLE => {}
+            Err(e) => return Err(e),
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::unavailable(
+                "no leader confirmed a linearizable read within api.write_timeout_ms",
+            ));
+        }
+        let mut metrics = state.raft.metrics();
+        let _ = tokio::time::timeout(Duration::from_millis(100), metrics.changed()).await;
+    };
+    wait_applied(state, index, deadline).await
+}
+
+async fn leader_read_index(state: &AppState) -> Result<u64, ApiError> {
+    match tokio::time::timeout(state.write_timeout, state.raft.ensure_linearizable()).await {
+        Ok(Ok(log_id)) => Ok(log_id.map_or(0, |l| l.index)),
+        Ok(Err(e)) => Err(ApiError {
+            code: "not_leader",
+            ..ApiError::unavailable(format!("cannot confirm leadership: {e}"))
+        }),
+        Err(_) => Err(ApiError::unavailable(
+            "leadership was not confirmed within api.write_timeout_ms",
+        )),
+    }
+}
+
+async fn remote_read_index(
+    state: &AppState,
+    addr: &str,
+    deadline: Instant,
+) -> Result<Option<u64>, ApiError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let resp = state
+        .client
+        .request(
+            hyper::Method::GET,
+            addr,
+            "/api/v1/internal/read-index",
+            &[],
+            Bytes::new(),
+            left,
+        )
+        .await;
+    match resp {
+        Ok(r) if r.status == StatusCode::OK => {
+            let v: Value =
+                serde_json::from_slice(&r.body).map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok(v["index"].as_u64())
+        }
+        _ => Ok(None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn headers_json() -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "content-type",
+            "application/json; charset=utf-8".parse().unwrap(),
+        );
+        h
+    }
+
+    fn check(body: &str) -> Result<Validated, ApiError> {
+        validate(&headers_json(), body.as_bytes(), &Config::default().limits)
+    }
+
+    #[test]
+    fn valid_message_gets_defaults() {
+        let v = check(r#"{"sender":"alice","payload":"hi","vector_clock":{"b":2,"a":1}}"#).unwrap();
+        assert_eq!(v.conv_id, "general");
+        assert_eq!(
+            serde_json::to_string(&v.vector_clock).unwrap(),
+            r#"{"b":2,"a":1}"#
+        );
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        for (body, code, field) in [
+            (r#"{"sender":"a""#, "invalid_json", ""),
+            (r#"{"payload":"x"}"#, "invalid_field", "sender"),
+            (r#"{"sender":"a","payload":5}"#, "invalid_field", "payload"),
+            (
+                r#"{"sender":"a","payload":"x","msg_id":"nope"}"#,
+                "invalid_field",
+                "msg_id",
+            ),
+            (
+                r#"{"sender":"a","payload":"x","conv_id":"a b"}"#,
+                "invalid_field",
+                "conv_id",
+            ),
+            (
+                r#"{"sender":"a","payload":"x","vector_clock":{"a":-1}}"#,
+                "invalid_field",
+                "vector_clock",
+            ),
+            (
+                r#"{"sender":"a","payload":"x","colour":"red"}"#,
+                "invalid_field",
+                "colour",
+            ),
+        ] {
+            let e = check(body).unwrap_err();
+            assert_eq!(e.code, code, "{body}: {e}");
+            assert!(e.message.contains(field), "{body}: {e}");
+        }
+    }
+
+    #[test]
+    fn wrong_content_type_is_415() {
+        let e = validate(&HeaderMap::new(), b"{}", &Config::default().limits).unwrap_err();
+        assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn history_query_parses_and_checks() {
+        let q = parse_history_query(
+            "conv_id=room%2D1&from=3&limit=10&consistency=linearizable",
+            1000,
+        )
+        .unwrap();
+        assert_eq!(
+            q,
+            HistoryQuery {
+                conv_id: "room-1".into(),
+                from: 3,
+                limit: 10,
+                linearizable: true
+            }
+        );
+        assert!(parse_history_query("limit=0", 1000).is_err());
+        assert!(parse_history_query("from=0", 1000).is_err());
+        assert!(parse_history_query("bogus=1", 1000).is_err());
+    }
+}

@@ -1,0 +1,130 @@
+//! The client HTTP API: messages, the event stream, history, membership and health.
+//!
+//! Every handler answers with a complete response; warp's own rejections (unknown path, wrong
+//! method, body too large) are turned into the same JSON error shape by [`recover`].
+
+mod cluster;
+mod error;
+mod messages;
+mod stream;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use warp::http::StatusCode;
+use warp::{Filter, Reply};
+
+pub use error::ApiError;
+
+use crate::config::{Config, Limits};
+use crate::network::HttpClient;
+use crate::store::MessageReader;
+use crate::types::{NodeId, Raft};
+
+/// A request forwarded by a follower carries this header; the receiver answers `not_leader`
+/// instead of forwarding again, so a stale leader hint never makes a loop.
+pub const FORWARDED_HEADER: &str = "x-chatraftd-forwarded";
+
+/// What every handler shares.
+pub struct AppState {
+    pub node_id: NodeId,
+    pub raft: Raft,
+    pub reader: MessageReader,
+    /// The shared keep-alive client, for forwarding to the leader.
+    pub client: HttpClient,
+    pub limits: Limits,
+    /// The bound on waiting for a leader and a commit.
+    pub write_timeout: Duration,
+    pub sse_keepalive: Duration,
+    /// Becomes true when the node begins to stop: streams end, waits give up.
+    pub shutdown: watch::Receiver<bool>,
+    /// The highest log index known committed, kept current by the log store.
+    pub commit_index: Arc<AtomicU64>,
+    /// Serialises membership changes on the leader: one join at a time.
+    pub membership_lock: tokio::sync::Mutex<()>,
+}
+
+impl AppState {
+    pub fn new(
+        config: &Config,
+        raft: Raft,
+        reader: MessageReader,
+        client: HttpClient,
+        shutdown: watch::Receiver<bool>,
+        commit_index: Arc<AtomicU64>,
+    ) -> Self {
+        AppState {
+            node_id: config.node_id,
+            raft,
+            reader,
+            client,
+            limits: config.limits.clone(),
+            write_timeout: config.write_timeout(),
+            sse_keepalive: Duration::from_secs(config.api.sse_keepalive_secs),
+            shutdown,
+            commit_index,
+            membership_lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn commit_index(&self) -> u64 {
+        self.commit_index.load(Ordering::Acquire)
+    }
+}
+
+/// All routes of the API listener.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let api = messages::routes(state.clone())
+        .or(stream::routes(state.clone()))
+        .or(cluster::routes(state));
+    api.recover(recover)
+}
+
+fn with_state(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Arc<AppState>,), Error = Infallible> + Clone {
+    warp::any().map(move || state.clone())
+}
+
+/// Turns warp's own rejections into JSON errors.
+async fn recover(rejection: warp::Rejection) -> Result<warp::reply::Response, Infallible> {
+    use warp::reject;
+    let err = if rejection.find::<reject::MethodNotAllowed>().is_some() {
+        ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this path does not take that method",
+        )
+    } else if rejection.find::<reject::PayloadTooLarge>().is_some() {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "the request body is larger than limits.max_body_bytes",
+        )
+    } else if rejection.find::<reject::LengthRequired>().is_some() {
+        ApiError::new(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "send the body with a Content-Length header",
+        )
+    } else if let Some(e) = rejection.find::<reject::InvalidQuery>() {
+        ApiError::invalid_field("query", &e.to_string())
+    } else if let Some(e) = rejection.find::<reject::InvalidHeader>() {
+        ApiError::invalid_field(e.name(), "is not a valid value")
+    } else if rejection.is_not_found() {
+        ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path")
+    } else {
+        tracing::warn!(?rejection, "unhandled rejection");
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "the request could not be handled",
+        )
+    };
+    Ok(err.into_response())
+}

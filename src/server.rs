@@ -1,0 +1,303 @@
+//! Wiring of one node: lock the data dir, open the stores, start Raft and both listeners,
+//! bootstrap or join, then stop in order on a signal.
+//!
+//! Shutdown order: the API stops accepting and finishes in-flight requests (streams end), then
+//! Raft stops, then the Raft listener, then the stores close when the last handle drops.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::fcntl::{Flock, FlockArg};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::network::{self, HttpClient, Network};
+use crate::store;
+use crate::types::{Node, Raft};
+
+/// Why a node could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("data dir {path}: {reason}")]
+    DataDir { path: PathBuf, reason: String },
+    #[error("data dir {path} is locked by another chatraftd{holder}")]
+    Locked { path: PathBuf, holder: String },
+    #[error("cannot open the store: {0}")]
+    Store(#[from] store::StoreError),
+    #[error("cannot listen on {addr} ({key}): {reason}")]
+    Bind {
+        key: &'static str,
+        addr: String,
+        reason: String,
+    },
+    #[error("Raft: {0}")]
+    Raft(String),
+}
+
+/// Holds the data dir's lock for the life of the process; the kernel drops it if we crash.
+pub struct DataDirLock {
+    _lock: Flock<File>,
+}
+
+/// Creates the data dir if needed and takes its exclusive lock.
+pub fn lock_data_dir(dir: &Path) -> Result<DataDirLock, ServerError> {
+    let fail = |reason: String| ServerError::DataDir {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create it: {e}")))?;
+    let lock_path = dir.join("LOCK");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| fail(format!("cannot open {}: {e}", lock_path.display())))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(mut lock) => {
+            // The pid is for the operator's eyes only; the lock itself is the flock.
+            let _ = lock.set_len(0);
+            let _ = writeln!(*lock, "{}", std::process::id());
+            Ok(DataDirLock { _lock: lock })
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            let holder = std::fs::read_to_string(&lock_path)
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .map_or(String::new(), |pid| format!(" (pid {pid})"));
+            Err(ServerError::Locked {
+                path: dir.to_path_buf(),
+                holder,
+            })
+        }
+        Err((_, e)) => Err(fail(format!("cannot lock {}: {e}", lock_path.display()))),
+    }
+}
+
+fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, ServerError> {
+    let r = &config.raft;
+    let c = openraft::Config {
+        cluster_name: "chatraftd".into(),
+        heartbeat_interval: r.heartbeat_interval_ms,
+        election_timeout_min: r.election_timeout_min_ms,
+        election_timeout_max: r.election_timeout_max_ms,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_threshold),
+        max_in_snapshot_log_to_keep: r.keep_logs_after_snapshot,
+        max_payload_entries: r.max_payload_entries,
+        snapshot_max_chunk_size: 1024 * 1024,
+        install_snapshot_timeout: 2_000.max(r.election_timeout_max_ms),
+        ..Default::default()
+    };
+    c.validate()
+        .map(Arc::new)
+        .map_err(|e| ServerError::Raft(format!("invalid Raft settings: {e}")))
+}
+
+async fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| ServerError::Bind {
+            key,
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })
+}
+
+/// Runs the node until `stop` resolves (a signal) or Raft fails. Returns Ok on a clean stop.
+pub async fn run(
+    config: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let _lock = lock_data_dir(&config.data_dir)?;
+    let stores = store::open(&config.data_dir).await?;
+    let mut log_store = stores.log.clone();
+    let fresh = log_store
+        .is_fresh()
+        .await
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+    let commit_index = log_store.commit_index_handle();
+
+    let client = HttpClient::new();
+    let raft = Raft::new(
+        config.node_id,
+        raft_config(&config)?,
+        Network::new(client.clone()),
+        stores.log,
+        stores.sm,
+    )
+    .await
+    .map_err(|e| ServerError::Raft(e.to_string()))?;
+
+    let raft_listener = bind("raft.listen", config.raft_listen_addr()).await?;
+    let api_listener = bind("api.listen", config.api_listen_addr()).await?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(AppState::new(
+        &config,
+        raft.clone(),
+        stores.reader,
+        client.clone(),
+        shutdown_rx.clone(),
+        commit_index,
+    ));
+
+    let raft_server = {
+        let routes = network::raft_routes(raft.clone());
+        // The Raft listener stops last, after Raft itself: see the end of this function.
+        let (raft_stop_tx, raft_stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = tokio::spawn(
+            warp::serve(routes)
+                .incoming(raft_listener)
+                .graceful(async move {
+                    let _ = raft_stop_rx.await;
+                })
+                .run(),
+        );
+        (handle, raft_stop_tx)
+    };
+    let api_server = {
+        let mut rx = shutdown_rx.clone();
+        tokio::spawn(
+            warp::serve(api::routes(state.clone()))
+                .incoming(api_listener)
+                .graceful(async move {
+                    let _ = rx.wait_for(|stopping| *stopping).await;
+                })
+                .run(),
+        )
+    };
+
+    let me = Node {
+        raft_addr: config.raft_advertise(),
+        api_addr: config.api_advertise(),
+    };
+    tracing::info!(
+        node_id = config.node_id,
+        api = %config.api.listen,
+        raft = %config.raft.listen,
+        data_dir = %config.data_dir.display(),
+        fresh,
+        "chatraftd is listening"
+    );
+
+    if fresh && config.bootstrap {
+        let members = BTreeMap::from([(config.node_id, me.clone())]);
+        match raft.initialize(members).await {
+            Ok(()) => tracing::info!("bootstrapped a new one-node cluster"),
+            Err(e) => tracing::warn!(error = %e, "bootstrap did not run"),
+        }
+    }
+    let joiner = if should_join(&config, fresh, &raft) {
+        Some(tokio::spawn(join_loop(
+            config.clone(),
+            me,
+            client.clone(),
+            shutdown_rx.clone(),
+        )))
+    } else {
+        None
+    };
+
+    // Wait for a signal, or for Raft to stop by itself (a storage error is fatal by design).
+    let mut metrics = raft.metrics();
+    let fatal = tokio::select! {
+        _ = stop => None,
+        r = metrics.wait_for(|m| m.running_state.is_err()) => {
+            Some(match r {
+                Ok(m) => format!("{:?}", m.running_state),
+                Err(_) => "Raft stopped".to_string(),
+            })
+        }
+    };
+    drop(metrics);
+    tracing::info!("stopping");
+    let _ = shutdown_tx.send(true);
+    if let Some(j) = joiner {
+        j.abort();
+    }
+    let grace = config.write_timeout() + Duration::from_secs(5);
+    if tokio::time::timeout(grace, api_server).await.is_err() {
+        tracing::warn!("API connections still open after {grace:?}; closing them");
+    }
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "Raft did not stop cleanly");
+    }
+    let (raft_handle, raft_stop_tx) = raft_server;
+    let _ = raft_stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), raft_handle).await;
+    match fatal {
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+        Some(reason) => Err(ServerError::Raft(format!(
+            "stopped after a fatal error: {reason}"
+        ))),
+    }
+}
+
+/// A fresh node with `join` set joins. A node whose stored membership lists it only as a
+/// learner also asks again: its earlier join was cut short before the promotion.
+fn should_join(config: &Config, fresh: bool, raft: &Raft) -> bool {
+    if config.join.is_empty() {
+        return false;
+    }
+    if fresh {
+        return true;
+    }
+    let m = raft.metrics().borrow().clone();
+    let membership = m.membership_config.membership();
+    membership.get_node(&config.node_id).is_some()
+        && !membership.voter_ids().any(|v| v == config.node_id)
+}
+
+/// Asks the members in `join` to add this node until one accepts, with capped back-off.
+async fn join_loop(
+    config: Config,
+    me: Node,
+    client: HttpClient,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let body = serde_json::json!({"node_id": config.node_id, "raft_addr": me.raft_addr, "api_addr": me.api_addr}).to_string();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        for addr in &config.join {
+            let resp = client
+                .request(
+                    hyper::Method::POST,
+                    addr,
+                    "/join",
+                    &[("content-type", "application/json")],
+                    bytes::Bytes::from(body.clone()),
+                    Duration::from_secs(60),
+                )
+                .await;
+            match resp {
+                Ok(r) if r.status.is_success() => {
+                    tracing::info!(via = %addr, "joined the cluster");
+                    return;
+                }
+                Ok(r) if r.status.is_client_error() => {
+                    tracing::error!(via = %addr, status = %r.status, body = %String::from_utf8_lossy(&r.body), "the cluster refused the join");
+                }
+                Ok(r) => {
+                    tracing::info!(via = %addr, status = %r.status, "join not done yet; retrying")
+                }
+                Err(e) => tracing::info!(via = %addr, error = %e, "join not done yet; retrying"),
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}

@@ -1,0 +1,473 @@
+//! The chat state machine in `messages.db`: the only writer of messages and conversations.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, Snapshot};
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
+use tokio::fs::File;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::reader::record_by_msg_id;
+use super::snapshot::{self, SnapshotBuilder, SnapshotDir, TempFile};
+use super::{
+    blocking, ensure_schema, from_sql, lock, open_live, sql_path, to_sql, Access, SqlContext,
+    StoreError,
+};
+use crate::types::{
+    format_millis, Entry, LogId, NewMessage, Record, Request, Response, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig,
+};
+
+const SCHEMA: &str = "
+    CREATE TABLE messages (
+        idx             INTEGER PRIMARY KEY,   -- Raft log index: the global order
+        conv_id         TEXT NOT NULL,
+        seq             INTEGER NOT NULL,      -- dense per conversation, from 1
+        term            INTEGER NOT NULL,
+        msg_id          TEXT NOT NULL UNIQUE,
+        sender          TEXT NOT NULL,
+        payload         TEXT NOT NULL,
+        vector_clock    TEXT NULL,             -- JSON as serialized by VectorClock, key order kept
+        committed_at_ms INTEGER NOT NULL,
+        UNIQUE (conv_id, seq)
+    );
+    CREATE TABLE conversations (
+        conv_id    TEXT PRIMARY KEY,
+        last_seq   INTEGER NOT NULL,
+        last_index INTEGER NOT NULL
+    );
+    CREATE TABLE sm_meta (
+        key   TEXT PRIMARY KEY,                -- 'last_applied' (LogId), 'membership' (StoredMembership)
+        value TEXT NOT NULL                    -- JSON
+    );
+";
+
+const KEY_LAST_APPLIED: &str = "last_applied";
+const KEY_MEMBERSHIP: &str = "membership";
+
+/// State machine storage on `messages.db`, with its snapshots.
+pub struct StateMachineStore {
+    inner: Arc<SmShared>,
+}
+
+struct SmShared {
+    /// Path of `messages.db`.
+    path: PathBuf,
+    /// The only connection that writes `messages.db`. Openraft calls the state machine from one
+    /// task at a time; the mutex makes the connection shareable with blocking tasks.
+    conn: Mutex<Connection>,
+    /// The `snapshots/` directory, shared with snapshot builders.
+    snapshots: Arc<SnapshotDir>,
+    /// Last applied log index, published after each COMMIT for [`super::MessageReader`].
+    applied: watch::Sender<u64>,
+    /// Files handed out by `begin_receiving_snapshot`, by (device, inode), so that
+    /// `install_snapshot` can use the received file in place instead of copying it.
+    receiving: Mutex<HashMap<(u64, u64), PathBuf>>,
+}
+
+impl StateMachineStore {
+    /// Opens `messages.db`, creating the schema when the file is new. Returns the receiving side
+    /// of the applied-index channel, primed with the stored `last_applied`.
+    pub(crate) fn open(
+        path: &Path,
+        snapshots: Arc<SnapshotDir>,
+    ) -> Result<(StateMachineStore, watch::Receiver<u64>), StoreError> {
+        let mut conn = open_live(path, Access::ReadWrite)?;
+        ensure_schema(&mut conn, path, SCHEMA)?;
+        let (last_applied, _) = read_applied_state(&conn, path)?;
+        let (tx, rx) = watch::channel(last_applied.map_or(0, |l| l.index));
+        let sm = StateMachineStore {
+            inner: Arc::new(SmShared {
+                path: path.to_path_buf(),
+                conn: Mutex::new(conn),
+                snapshots,
+                applied: tx,
+                receiving: Mutex::new(HashMap::new()),
+            }),
+        };
+        Ok((sm, rx))
+    }
+}
+
+/// Reads `last_applied` and the membership from `sm_meta` of a state machine database (the live
+/// one or a snapshot copy).
+pub(crate) fn read_applied_state(
+    conn: &Connection,
+    path: &Path,
+) -> Result<(Option<LogId>, StoredMembership), StoreError> {
+    let get = |key: &'static str| -> Result<Option<String>, StoreError> {
+        conn.query_row("SELECT value FROM sm_meta WHERE key = ?1", [key], |r| {
+            r.get(0)
+        })
+        .optional()
+        .at(path)
+    };
+    let decode_err = |what: &'static str| {
+        move |source| StoreError::Serde {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }
+    };
+    let last_applied = match get(KEY_LAST_APPLIED)? {
+        Some(json) => Some(serde_json::from_str(&json).map_err(decode_err(KEY_LAST_APPLIED))?),
+        None => None,
+    };
+    let membership = match get(KEY_MEMBERSHIP)? {
+        Some(json) => serde_json::from_str(&json).map_err(decode_err(KEY_MEMBERSHIP))?,
+        None => StoredMembership::default(),
+    };
+    Ok((last_applied, membership))
+}
+
+fn put_sm_meta<T: serde::Serialize>(
+    tx: &Transaction<'_>,
+    path: &Path,
+    key: &'static str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_string(value).map_err(|source| StoreError::Serde {
+        what: key,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    tx.prepare_cached(
+        "INSERT INTO sm_meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )
+    .at(path)?
+    .execute((key, json))
+    .at(path)?;
+    Ok(())
+}
+
+/// Applies one chat message inside the batch transaction.
+fn apply_post(
+    tx: &Transaction<'_>,
+    path: &Path,
+    log_id: &LogId,
+    msg: NewMessage,
+) -> Result<Response, StoreError> {
+    // De-duplication: a msg_id is stored at most once, whatever the retries.
+    if let Some(existing) = record_by_msg_id(tx, path, msg.msg_id)? {
+        return Ok(if msg.same_content(&existing) {
+            Response::Duplicate(existing)
+        } else {
+            Response::Conflict(existing)
+        });
+    }
+    let last_seq: Option<i64> = tx
+        .prepare_cached("SELECT last_seq FROM conversations WHERE conv_id = ?1")
+        .at(path)?
+        .query_row([&msg.conv_id], |r| r.get(0))
+        .optional()
+        .at(path)?;
+    let seq = from_sql(last_seq.unwrap_or(0), "last_seq", path)? + 1;
+    let seq_sql = to_sql(seq, "seq", path)?;
+    let idx = to_sql(log_id.index, "log index", path)?;
+    let term = to_sql(log_id.leader_id.term, "term", path)?;
+    let clock_json = match &msg.vector_clock {
+        Some(vc) => Some(
+            serde_json::to_string(vc).map_err(|source| StoreError::Serde {
+                what: "vector_clock",
+                path: path.to_path_buf(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    tx.prepare_cached(
+        "INSERT INTO messages
+             (idx, conv_id, seq, term, msg_id, sender, payload, vector_clock, committed_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )
+    .at(path)?
+    .execute(rusqlite::params![
+        idx,
+        msg.conv_id,
+        seq_sql,
+        term,
+        msg.msg_id.to_string(),
+        msg.sender,
+        msg.payload,
+        clock_json,
+        msg.committed_at_ms,
+    ])
+    .at(path)?;
+    tx.prepare_cached(
+        "INSERT INTO conversations (conv_id, last_seq, last_index) VALUES (?1, ?2, ?3)
+         ON CONFLICT (conv_id) DO UPDATE SET last_seq = excluded.last_seq, last_index = excluded.last_index",
+    )
+    .at(path)?
+    .execute((&msg.conv_id, seq_sql, idx))
+    .at(path)?;
+    Ok(Response::Stored(Record {
+        index: log_id.index,
+        seq,
+        term: log_id.leader_id.term,
+        conv_id: msg.conv_id,
+        msg_id: msg.msg_id,
+        sender: msg.sender,
+        payload: msg.payload,
+        vector_clock: msg.vector_clock,
+        committed_at: format_millis(msg.committed_at_ms),
+    }))
+}
+
+impl SmShared {
+    fn apply_blocking(&self, entries: Vec<Entry>) -> Result<Vec<Response>, StoreError> {
+        let path = self.path.as_path();
+        let mut conn = lock(&self.conn, path)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at(path)?;
+        let (mut last_applied, _) = read_applied_state(&tx, path)?;
+        let mut responses = Vec::with_capacity(entries.len());
+        for entry in entries {
+            // Applying an entry twice would be an openraft bug; refuse instead of guessing.
+            if let Some(prev) = last_applied {
+                if entry.log_id.index <= prev.index {
+                    return Err(StoreError::invalid(
+                        path,
+                        format!("apply of {} after last_applied {}", entry.log_id, prev),
+                    ));
+                }
+            }
+            let response = match entry.payload {
+                EntryPayload::Blank => Response::None,
+                EntryPayload::Membership(m) => {
+                    let stored = StoredMembership::new(Some(entry.log_id), m);
+                    put_sm_meta(&tx, path, KEY_MEMBERSHIP, &stored)?;
+                    Response::None
+                }
+                EntryPayload::Normal(Request::Post(msg)) => {
+                    apply_post(&tx, path, &entry.log_id, msg)?
+                }
+            };
+            responses.push(response);
+            last_applied = Some(entry.log_id);
+        }
+        if let Some(last) = last_applied {
+            // Durability: last_applied is written in the same transaction as the rows, so after
+            // a crash the database holds both or neither; no entry is lost or applied twice.
+            put_sm_meta(&tx, path, KEY_LAST_APPLIED, &last)?;
+        }
+        tx.commit().at(path)?;
+        if let Some(last) = last_applied {
+            // Only after COMMIT: readers that wake on this see the rows.
+            self.applied.send_replace(last.index);
+        }
+        Ok(responses)
+    }
+
+    /// Replaces the whole state with a validated snapshot file, then makes it the current
+    /// snapshot.
+    fn install_blocking(&self, file: TempFile, meta: &SnapshotMeta) -> Result<(), StoreError> {
+        snapshot::validate(file.path(), meta)?;
+        {
+            let mut conn = lock(&self.conn, &self.path)?;
+            replace_state(&mut conn, &self.path, file.path(), meta)?;
+        }
+        // The state machine now is the snapshot: tell readers before anything else can fail.
+        self.applied
+            .send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        self.snapshots.publish(file, meta)?;
+        Ok(())
+    }
+}
+
+/// Swaps the content of `messages.db` for that of the snapshot at `snap_path`.
+///
+/// SQLite refuses ATTACH and DETACH inside a transaction, so the file is attached first and the
+/// whole replacement (rows, `last_applied`, membership) is ONE transaction: readers and a crash
+/// see the old state or the new one, never a mix.
+fn replace_state(
+    conn: &mut Connection,
+    path: &Path,
+    snap_path: &Path,
+    meta: &SnapshotMeta,
+) -> Result<(), StoreError> {
+    conn.execute("ATTACH DATABASE ?1 AS snap", [sql_path(snap_path)?])
+        .at(path)?;
+    let copied = copy_from_attached(conn, path, meta);
+    // Detach even when the copy failed (its transaction is rolled back by then).
+    let detached = conn.execute_batch("DETACH DATABASE snap").at(path);
+    copied.and(detached)
+}
+
+fn copy_from_attached(
+    conn: &mut Connection,
+    path: &Path,
+    meta: &SnapshotMeta,
+) -> Result<(), StoreError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .at(path)?;
+    // Openraft installs only snapshots past the committed index; going back would silently
+    // drop applied messages, so a violation is an error, checked inside the transaction.
+    let (current, _) = read_applied_state(&tx, path)?;
+    if meta.last_log_id < current {
+        return Err(StoreError::invalid(
+            path,
+            format!("snapshot {meta} is behind last_applied {current:?}"),
+        ));
+    }
+    tx.execute_batch(
+        "DELETE FROM messages;
+         DELETE FROM conversations;
+         DELETE FROM sm_meta;
+         INSERT INTO messages
+             (idx, conv_id, seq, term, msg_id, sender, payload, vector_clock, committed_at_ms)
+         SELECT idx, conv_id, seq, term, msg_id, sender, payload, vector_clock, committed_at_ms
+         FROM snap.messages;
+         INSERT INTO conversations (conv_id, last_seq, last_index)
+         SELECT conv_id, last_seq, last_index FROM snap.conversations;",
+    )
+    .at(path)?;
+    if let Some(last) = &meta.last_log_id {
+        put_sm_meta(&tx, path, KEY_LAST_APPLIED, last)?;
+    }
+    put_sm_meta(&tx, path, KEY_MEMBERSHIP, &meta.last_membership)?;
+    // Durability: one fsynced COMMIT switches rows and last_applied together.
+    tx.commit().at(path)
+}
+
+/// Copies a snapshot handed over as an arbitrary open file into a new file in `snapshots/`.
+async fn copy_to_temp(src: &mut File, snapshots: &SnapshotDir) -> Result<TempFile, StoreError> {
+    let temp = TempFile::new(snapshots.temp_path("recv"));
+    src.seek(std::io::SeekFrom::Start(0))
+        .await
+        .map_err(StoreError::io("rewind received snapshot", temp.path()))?;
+    let mut dst = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(temp.path())
+        .await
+        .map_err(StoreError::io("create", temp.path()))?;
+    tokio::io::copy(src, &mut dst)
+        .await
+        .map_err(StoreError::io("copy received snapshot to", temp.path()))?;
+    dst.flush()
+        .await
+        .map_err(StoreError::io("flush", temp.path()))?;
+    dst.sync_all()
+        .await
+        .map_err(StoreError::io("fsync", temp.path()))?;
+    Ok(temp)
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            let conn = lock(&inner.conn, &inner.path)?;
+            read_applied_state(&conn, &inner.path)
+        })
+        .await
+        .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Read))
+    }
+
+    /// Applies the batch in ONE transaction; see [`SmShared::apply_blocking`].
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let inner = self.inner.clone();
+        blocking(move || inner.apply_blocking(entries))
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder::new(self.inner.path.clone(), self.inner.snapshots.clone())
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<File>, StorageError> {
+        let inner = self.inner.clone();
+        let file = blocking(move || {
+            let path = inner.snapshots.temp_path("recv");
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(StoreError::io("create", &path))?;
+            let md = file.metadata().map_err(StoreError::io("stat", &path))?;
+            lock(&inner.receiving, &inner.path)?.insert((md.dev(), md.ino()), path);
+            Ok(file)
+        })
+        .await
+        .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
+        Ok(Box::new(File::from_std(file)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        mut snapshot: Box<File>,
+    ) -> Result<(), StorageError> {
+        let subject = ErrorSubject::Snapshot(Some(meta.signature()));
+        let fail = |e: StoreError| e.into_storage(subject.clone(), ErrorVerb::Write);
+        let snapshots = self.inner.snapshots.clone();
+        snapshots.check_id(&meta.snapshot_id).map_err(fail)?;
+
+        // Durability: the received bytes are on disk before the state machine depends on them.
+        let here = snapshots.path().to_path_buf();
+        snapshot
+            .flush()
+            .await
+            .map_err(|e| fail(StoreError::io("flush received snapshot in", &here)(e)))?;
+        snapshot
+            .sync_all()
+            .await
+            .map_err(|e| fail(StoreError::io("fsync received snapshot in", &here)(e)))?;
+        let md = snapshot
+            .metadata()
+            .await
+            .map_err(|e| fail(StoreError::io("stat received snapshot in", &here)(e)))?;
+        let received = lock(&self.inner.receiving, &self.inner.path)
+            .map_err(fail)?
+            .remove(&(md.dev(), md.ino()));
+        let file = match received {
+            // The file we handed out: use it in place.
+            Some(path) => TempFile::new(path),
+            // Any other file (a test handing over a built snapshot, say): copy it first, so that
+            // the installed snapshot is ours to rename and keep.
+            None => copy_to_temp(&mut snapshot, &snapshots)
+                .await
+                .map_err(fail)?,
+        };
+        drop(snapshot);
+
+        let inner = self.inner.clone();
+        let meta_owned = meta.clone();
+        blocking(move || inner.install_blocking(file, &meta_owned))
+            .await
+            .map_err(fail)?;
+        tracing::info!(snapshot = %meta, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let snapshots = self.inner.snapshots.clone();
+        let current = blocking(move || snapshots.current())
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
+        Ok(current.map(|(meta, file)| Snapshot {
+            meta,
+            snapshot: Box::new(File::from_std(file)),
+        }))
+    }
+}

@@ -1,0 +1,693 @@
+//! Store tests: openraft's conformance suite, then the chat-specific rules.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::error::Error;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use openraft::storage::{RaftLogStorage, RaftLogStorageExt, RaftStateMachine};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::{
+    CommittedLeaderId, EntryPayload, ErrorSubject, ErrorVerb, Membership, RaftLogReader,
+    RaftSnapshotBuilder, Vote,
+};
+use tempfile::TempDir;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+use super::*;
+use crate::types::{
+    Entry, LogId, NewMessage, Node, Record, Request, Response, SnapshotMeta, StorageError,
+    StoredMembership, TypeConfig, VectorClock,
+};
+
+type TestResult = Result<(), Box<dyn Error>>;
+
+/// Opens a fresh store in a temporary directory for each conformance test.
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for Builder {
+    async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
+        let dir = TempDir::new()
+            .map_err(|e| StorageError::from_io_error(ErrorSubject::Store, ErrorVerb::Write, e))?;
+        let stores = open(dir.path())
+            .await
+            .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Write))?;
+        Ok((dir, stores.log, stores.sm))
+    }
+}
+
+#[test]
+fn openraft_conformance_suite() -> TestResult {
+    Suite::test_all(Builder)?;
+    Ok(())
+}
+
+fn lid(term: u64, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+fn post(term: u64, index: u64, msg: &NewMessage) -> Entry {
+    Entry {
+        log_id: lid(term, index),
+        payload: EntryPayload::Normal(Request::Post(msg.clone())),
+    }
+}
+
+fn blank(term: u64, index: u64) -> Entry {
+    Entry {
+        log_id: lid(term, index),
+        payload: EntryPayload::Blank,
+    }
+}
+
+fn membership(voters: &[u64]) -> Membership<u64, Node> {
+    let ids: BTreeSet<u64> = voters.iter().copied().collect();
+    let nodes: BTreeMap<u64, Node> = voters
+        .iter()
+        .map(|&id| {
+            (
+                id,
+                Node {
+                    raft_addr: format!("127.0.0.1:{}", 12000 + id),
+                    api_addr: format!("127.0.0.1:{}", 8080 + id),
+                },
+            )
+        })
+        .collect();
+    Membership::new(vec![ids], nodes)
+}
+
+fn membership_entry(term: u64, index: u64, voters: &[u64]) -> Entry {
+    Entry {
+        log_id: lid(term, index),
+        payload: EntryPayload::Membership(membership(voters)),
+    }
+}
+
+fn msg(conv_id: &str, payload: &str) -> NewMessage {
+    NewMessage {
+        msg_id: Uuid::new_v4(),
+        conv_id: conv_id.to_owned(),
+        sender: "alice".to_owned(),
+        payload: payload.to_owned(),
+        vector_clock: None,
+        committed_at_ms: 1_700_000_000_123,
+    }
+}
+
+async fn fresh() -> Result<(TempDir, Stores), Box<dyn Error>> {
+    let dir = TempDir::new()?;
+    let stores = open(dir.path()).await?;
+    Ok((dir, stores))
+}
+
+fn stored(r: &Response) -> Result<&Record, Box<dyn Error>> {
+    match r {
+        Response::Stored(rec) => Ok(rec),
+        other => Err(format!("expected Stored, got {other:?}").into()),
+    }
+}
+
+/// Every conversation with all its records, as the API would list them.
+async fn dump(
+    reader: &MessageReader,
+) -> Result<Vec<(ConversationInfo, Vec<Record>)>, Box<dyn Error>> {
+    let mut out = Vec::new();
+    for c in reader.conversations().await? {
+        let page = reader.page(&c.conv_id, 1, usize::MAX).await?;
+        out.push((c, page));
+    }
+    Ok(out)
+}
+
+/// Names of the files in `snapshots/`.
+fn snapshot_files(dir: &TempDir) -> Result<Vec<String>, Box<dyn Error>> {
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(dir.path().join(SNAPSHOT_DIR))? {
+        names.push(e?.file_name().to_string_lossy().into_owned());
+    }
+    names.sort();
+    Ok(names)
+}
+
+#[tokio::test]
+async fn duplicate_msg_id_returns_original_and_conflict_stores_nothing() -> TestResult {
+    let (_dir, mut s) = fresh().await?;
+    let mut m = msg("general", "hello");
+    m.vector_clock = Some(serde_json::from_str(r#"{"a":1,"b":2}"#)?);
+    let out = s.sm.apply([blank(1, 1), post(1, 2, &m)]).await?;
+    assert_eq!(out[0], Response::None);
+    let original = stored(&out[1])?.clone();
+    assert_eq!((original.index, original.seq, original.term), (2, 1, 1));
+
+    // A retry: same content, another leader clock and clock key order, a later entry.
+    let mut retry = m.clone();
+    retry.committed_at_ms += 5_000;
+    retry.vector_clock = Some(serde_json::from_str(r#"{"b":2,"a":1}"#)?);
+    // Other content under the same msg_id.
+    let mut other = m.clone();
+    other.payload = "changed".to_owned();
+    // And a retry inside one batch together with a new message.
+    let fresh_msg = msg("general", "second");
+    let out =
+        s.sm.apply([
+            post(2, 3, &retry),
+            post(2, 4, &other),
+            post(2, 5, &fresh_msg),
+            post(2, 6, &fresh_msg),
+        ])
+        .await?;
+    assert_eq!(out[0], Response::Duplicate(original.clone()));
+    assert_eq!(out[1], Response::Conflict(original.clone()));
+    let second = stored(&out[2])?.clone();
+    assert_eq!((second.index, second.seq), (5, 2));
+    assert_eq!(out[3], Response::Duplicate(second.clone()));
+
+    assert_eq!(s.reader.count().await?, 2);
+    assert_eq!(
+        s.reader.page("general", 1, 10).await?,
+        vec![original.clone(), second]
+    );
+    assert_eq!(s.reader.by_msg_id(m.msg_id).await?, Some(original));
+    assert_eq!(s.sm.applied_state().await?.0, Some(lid(2, 6)));
+    assert_eq!(*s.reader.applied().borrow(), 6);
+    Ok(())
+}
+
+#[tokio::test]
+async fn seq_is_dense_per_conversation_across_batches() -> TestResult {
+    let (_dir, mut s) = fresh().await?;
+    let batches: [&[&str]; 3] = [&["a", "b", "a"], &["a"], &["b", "b", "c"]];
+    let mut index = 0;
+    let mut expected: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for batch in batches {
+        let entries: Vec<Entry> = batch
+            .iter()
+            .map(|conv| {
+                index += 1;
+                expected.entry(conv).or_default().push(index);
+                post(1, index, &msg(conv, &format!("m{index}")))
+            })
+            .collect();
+        s.sm.apply(entries).await?;
+    }
+    for (conv, indexes) in &expected {
+        let page = s.reader.page(conv, 1, 100).await?;
+        let seqs: Vec<u64> = page.iter().map(|r| r.seq).collect();
+        let want: Vec<u64> = (1..=indexes.len() as u64).collect();
+        assert_eq!(seqs, want, "conversation {conv}");
+        let got_indexes: Vec<u64> = page.iter().map(|r| r.index).collect();
+        assert_eq!(&got_indexes, indexes, "conversation {conv}");
+        assert_eq!(s.reader.last_seq(conv).await?, indexes.len() as u64);
+    }
+    let convs = s.reader.conversations().await?;
+    let summary: Vec<(&str, u64, u64, u64)> = convs
+        .iter()
+        .map(|c| (c.conv_id.as_str(), c.count, c.last_seq, c.last_index))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![("a", 3, 3, 4), ("b", 3, 3, 6), ("c", 1, 1, 7)]
+    );
+    assert_eq!(s.reader.count().await?, 7);
+    assert_eq!(s.reader.last_seq("nobody").await?, 0);
+    // Paging: from_seq and limit.
+    let page: Vec<u64> = s
+        .reader
+        .page("a", 2, 1)
+        .await?
+        .iter()
+        .map(|r| r.seq)
+        .collect();
+    assert_eq!(page, vec![2]);
+    assert!(s.reader.page("a", 4, 10).await?.is_empty());
+    Ok(())
+}
+
+#[tokio::test]
+async fn vector_clock_round_trips_exactly() -> TestResult {
+    let (_dir, mut s) = fresh().await?;
+    let sent = r#"{"zed":2,"alice":1,"m":18446744073709551615}"#;
+    let mut with_clock = msg("general", "x");
+    with_clock.vector_clock = Some(serde_json::from_str::<VectorClock>(sent)?);
+    let without = msg("general", "y");
+    let out =
+        s.sm.apply([post(1, 1, &with_clock), post(1, 2, &without)])
+            .await?;
+
+    let read = s
+        .reader
+        .by_msg_id(with_clock.msg_id)
+        .await?
+        .ok_or("message missing")?;
+    assert_eq!(&read, stored(&out[0])?);
+    let clock = read.vector_clock.as_ref().ok_or("clock missing")?;
+    assert_eq!(serde_json::to_string(clock)?, sent);
+    let json = serde_json::to_value(&read)?;
+    assert_eq!(json["committed_at"], "2023-11-14T22:13:20.123Z");
+
+    let read = s
+        .reader
+        .by_msg_id(without.msg_id)
+        .await?
+        .ok_or("message missing")?;
+    assert_eq!(read.vector_clock, None);
+    assert!(serde_json::to_value(&read)?.get("vector_clock").is_none());
+    assert_eq!(s.reader.by_msg_id(Uuid::new_v4()).await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn membership_apply_is_stored() -> TestResult {
+    let (dir, mut s) = fresh().await?;
+    s.sm.apply([membership_entry(1, 1, &[1, 2, 3]), blank(1, 2)])
+        .await?;
+    let want = StoredMembership::new(Some(lid(1, 1)), membership(&[1, 2, 3]));
+    assert_eq!(s.sm.applied_state().await?, (Some(lid(1, 2)), want.clone()));
+    drop(s);
+    let mut s = open(dir.path()).await?;
+    assert_eq!(s.sm.applied_state().await?, (Some(lid(1, 2)), want));
+    Ok(())
+}
+
+#[tokio::test]
+async fn apply_never_goes_back() -> TestResult {
+    let (_dir, mut s) = fresh().await?;
+    let m = msg("general", "once");
+    s.sm.apply([post(1, 5, &m)]).await?;
+    assert!(s
+        .sm
+        .apply([post(1, 5, &msg("general", "again"))])
+        .await
+        .is_err());
+    assert!(s.sm.apply([blank(1, 4)]).await.is_err());
+    assert_eq!(s.sm.applied_state().await?.0, Some(lid(1, 5)));
+    assert_eq!(s.reader.count().await?, 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn truncate_and_purge_keep_the_log_contiguous() -> TestResult {
+    let (dir, mut s) = fresh().await?;
+    assert!(s.log.is_fresh().await?);
+    s.log.blocking_append((1..=10).map(|i| blank(1, i))).await?;
+    assert!(!s.log.is_fresh().await?);
+
+    s.log.truncate(lid(1, 6)).await?;
+    let st = s.log.get_log_state().await?;
+    assert_eq!(
+        (st.last_purged_log_id, st.last_log_id),
+        (None, Some(lid(1, 5)))
+    );
+    s.log.blocking_append([blank(2, 6), blank(2, 7)]).await?;
+
+    s.log.purge(lid(1, 3)).await?;
+    s.log.purge(lid(1, 2)).await?; // older: the pointer does not move back
+    let ids: Vec<LogId> = s
+        .log
+        .try_get_log_entries(..)
+        .await?
+        .iter()
+        .map(|e| e.log_id)
+        .collect();
+    assert_eq!(ids, vec![lid(1, 4), lid(1, 5), lid(2, 6), lid(2, 7)]);
+    let st = s.log.get_log_state().await?;
+    assert_eq!(
+        (st.last_purged_log_id, st.last_log_id),
+        (Some(lid(1, 3)), Some(lid(2, 7)))
+    );
+    assert_eq!(s.log.try_get_log_entries(5..=6).await?.len(), 2);
+    assert!(s.log.try_get_log_entries(6..6).await?.is_empty());
+
+    // Purge past the end: no entries left, last_log_id falls back to last_purged.
+    drop(s);
+    let mut s = open(dir.path()).await?;
+    s.log.purge(lid(2, 9)).await?;
+    assert!(s.log.try_get_log_entries(..).await?.is_empty());
+    let st = s.log.get_log_state().await?;
+    assert_eq!(
+        (st.last_purged_log_id, st.last_log_id),
+        (Some(lid(2, 9)), Some(lid(2, 9)))
+    );
+    assert!(!s.log.is_fresh().await?, "a purged log is not fresh");
+    Ok(())
+}
+
+#[tokio::test]
+async fn reopening_keeps_everything() -> TestResult {
+    let (dir, mut s) = fresh().await?;
+    let vote = Vote::new_committed(3, 1);
+    s.log.save_vote(&vote).await?;
+    let mut entries = vec![membership_entry(1, 1, &[1])];
+    for i in 2..=10 {
+        entries.push(post(
+            3,
+            i,
+            &msg(if i % 2 == 0 { "even" } else { "odd" }, &format!("m{i}")),
+        ));
+    }
+    s.log.blocking_append(entries.clone()).await?;
+    s.log.save_committed(Some(lid(3, 10))).await?;
+    assert_eq!(s.log.commit_index_handle().load(Ordering::Acquire), 10);
+    s.sm.apply(entries.clone()).await?;
+    let snap = s.sm.get_snapshot_builder().await.build_snapshot().await?;
+    s.log.purge(lid(3, 4)).await?;
+    let before = dump(&s.reader).await?;
+    let applied_before = s.sm.applied_state().await?;
+    drop(s);
+
+    let mut s = open(dir.path()).await?;
+    assert!(!s.log.is_fresh().await?);
+    assert_eq!(s.log.read_vote().await?, Some(vote));
+    assert_eq!(s.log.read_committed().await?, Some(lid(3, 10)));
+    assert_eq!(s.log.commit_index_handle().load(Ordering::Acquire), 10);
+    let st = s.log.get_log_state().await?;
+    assert_eq!(
+        (st.last_purged_log_id, st.last_log_id),
+        (Some(lid(3, 4)), Some(lid(3, 10)))
+    );
+    assert_eq!(s.log.try_get_log_entries(..).await?, entries[4..].to_vec());
+    assert_eq!(s.sm.applied_state().await?, applied_before);
+    assert_eq!(*s.reader.applied().borrow(), 10);
+    assert_eq!(dump(&s.reader).await?, before);
+    let current =
+        s.sm.get_current_snapshot()
+            .await?
+            .ok_or("snapshot missing")?;
+    assert_eq!(current.meta, snap.meta);
+
+    // Applying continues where it stopped.
+    let out = s.sm.apply([post(3, 11, &msg("even", "m11"))]).await?;
+    assert_eq!((stored(&out[0])?.index, stored(&out[0])?.seq), (11, 6));
+    Ok(())
+}
+
+/// Streams a built snapshot into a follower's receiving file, as the network layer would.
+async fn transfer(
+    leader: &mut StateMachineStore,
+    follower: &mut StateMachineStore,
+) -> Result<SnapshotMeta, Box<dyn Error>> {
+    let mut snap = leader
+        .get_current_snapshot()
+        .await?
+        .ok_or("leader has no snapshot")?;
+    let mut bytes = Vec::new();
+    snap.snapshot.read_to_end(&mut bytes).await?;
+    let mut rx = follower.begin_receiving_snapshot().await?;
+    for chunk in bytes.chunks(1000) {
+        rx.write_all(chunk).await?;
+    }
+    rx.shutdown().await?;
+    follower.install_snapshot(&snap.meta, rx).await?;
+    Ok(snap.meta)
+}
+
+#[tokio::test]
+async fn snapshot_installed_on_a_fresh_store_gives_identical_state() -> TestResult {
+    let (_ldir, mut leader) = fresh().await?;
+    let mut entries = vec![membership_entry(1, 1, &[1, 2])];
+    for i in 2..=40 {
+        let mut m = msg(
+            ["general", "ops", "x.y-z_1"][i as usize % 3],
+            &format!("payload {i}"),
+        );
+        if i % 4 == 0 {
+            m.vector_clock = Some(serde_json::from_str(&format!(r#"{{"n{i}":{i},"a":1}}"#))?);
+        }
+        entries.push(post(2, i, &m));
+    }
+    leader.sm.apply(entries).await?;
+    leader
+        .sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await?;
+
+    // The follower has state of its own that the snapshot must replace entirely.
+    let (fdir, mut follower) = fresh().await?;
+    follower
+        .sm
+        .apply([post(1, 1, &msg("stale", "gone"))])
+        .await?;
+
+    let meta = transfer(&mut leader.sm, &mut follower.sm).await?;
+    assert_eq!(meta.last_log_id, Some(lid(2, 40)));
+    assert_eq!(dump(&follower.reader).await?, dump(&leader.reader).await?);
+    assert_eq!(follower.reader.count().await?, 39);
+    assert_eq!(
+        follower.sm.applied_state().await?,
+        leader.sm.applied_state().await?
+    );
+    assert_eq!(*follower.reader.applied().borrow(), 40);
+    let current = follower
+        .sm
+        .get_current_snapshot()
+        .await?
+        .ok_or("follower has no snapshot")?;
+    assert_eq!(current.meta, meta);
+    // Exactly the one snapshot, no temporary files left over.
+    let id = &meta.snapshot_id;
+    assert_eq!(
+        snapshot_files(&fdir)?,
+        vec![format!("{id}.db"), format!("{id}.meta.json")]
+    );
+
+    // The follower goes on applying from the snapshot.
+    let out = follower
+        .sm
+        .apply([post(2, 41, &msg("ops", "after"))])
+        .await?;
+    assert_eq!(stored(&out[0])?.seq, 14);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_snapshots_are_refused_and_state_is_kept() -> TestResult {
+    let (_ldir, mut leader) = fresh().await?;
+    leader
+        .sm
+        .apply([
+            membership_entry(1, 1, &[1]),
+            post(1, 2, &msg("general", "real")),
+        ])
+        .await?;
+    leader
+        .sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await?;
+    let good = leader
+        .sm
+        .get_current_snapshot()
+        .await?
+        .ok_or("leader has no snapshot")?;
+
+    let (fdir, mut follower) = fresh().await?;
+    follower
+        .sm
+        .apply([post(1, 1, &msg("general", "mine"))])
+        .await?;
+    let before = dump(&follower.reader).await?;
+
+    // Not a database at all.
+    let mut rx = follower.sm.begin_receiving_snapshot().await?;
+    rx.write_all(b"this is not a SQLite database, not even close; padding padding padding")
+        .await?;
+    rx.shutdown().await?;
+    assert!(follower.sm.install_snapshot(&good.meta, rx).await.is_err());
+
+    // A real snapshot whose meta claims another log position.
+    let mut lying = good.meta.clone();
+    lying.last_log_id = Some(lid(9, 99));
+    let rx = follower.sm.begin_receiving_snapshot().await?;
+    let mut snap = leader
+        .sm
+        .get_current_snapshot()
+        .await?
+        .ok_or("leader has no snapshot")?;
+    let mut rx = rx;
+    tokio::io::copy(&mut snap.snapshot, &mut *rx).await?;
+    rx.shutdown().await?;
+    assert!(follower.sm.install_snapshot(&lying, rx).await.is_err());
+
+    // A snapshot id that would escape the directory.
+    let mut escaping = good.meta.clone();
+    escaping.snapshot_id = "../../etc/x".to_owned();
+    let rx = follower.sm.begin_receiving_snapshot().await?;
+    assert!(follower.sm.install_snapshot(&escaping, rx).await.is_err());
+
+    assert_eq!(dump(&follower.reader).await?, before);
+    assert_eq!(follower.sm.applied_state().await?.0, Some(lid(1, 1)));
+    assert!(follower.sm.get_current_snapshot().await?.is_none());
+    // Only the refused receive of the bad id is left, and reopening removes it.
+    drop(follower);
+    let _reopened = open(fdir.path()).await?;
+    assert!(snapshot_files(&fdir)?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn snapshot_is_consistent_while_apply_continues() -> TestResult {
+    let (_ldir, leader) = fresh().await?;
+    let Stores {
+        sm: mut leader_sm,
+        reader,
+        ..
+    } = leader;
+    // Enough rows that VACUUM INTO takes a while.
+    let mut first = vec![membership_entry(1, 1, &[1])];
+    first.extend((2..=2000).map(|i| {
+        post(
+            1,
+            i,
+            &msg(if i % 3 == 0 { "a" } else { "b" }, &"x".repeat(200)),
+        )
+    }));
+    leader_sm.apply(first).await?;
+    let mut builder = leader_sm.get_snapshot_builder().await;
+
+    // Apply one entry at a time until the build is over.
+    let stop = Arc::new(AtomicBool::new(false));
+    let applier = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut next = 2001;
+            while !stop.load(Ordering::Acquire) {
+                let conv = if next % 3 == 0 { "a" } else { "b" };
+                leader_sm.apply([post(1, next, &msg(conv, "y"))]).await?;
+                next += 1;
+            }
+            Ok::<_, StorageError>((leader_sm, next - 1))
+        })
+    };
+    reader.applied().wait_for(|&i| i >= 2050).await?;
+    let snap = builder.build_snapshot().await;
+    stop.store(true, Ordering::Release);
+    let (mut leader_sm, last) = applier.await??;
+    let snap = snap?;
+    let at = snap
+        .meta
+        .last_log_id
+        .ok_or("snapshot without log id")?
+        .index;
+    assert!(
+        (2050..=last).contains(&at),
+        "snapshot at {at}, applied up to {last}"
+    );
+
+    let (_fdir, mut follower) = fresh().await?;
+    let meta = transfer(&mut leader_sm, &mut follower.sm).await?;
+    assert_eq!(meta.last_log_id, Some(lid(1, at)));
+    // Exactly the messages with index <= at, each conversation dense.
+    assert_eq!(follower.reader.count().await?, at - 1);
+    for (info, records) in dump(&follower.reader).await? {
+        assert!(records.iter().all(|r| r.index <= at));
+        let seqs: Vec<u64> = records.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, (1..=info.last_seq).collect::<Vec<_>>());
+        assert_eq!(records.last().map(|r| r.index), Some(info.last_index));
+    }
+    assert_eq!(follower.sm.applied_state().await?.0, Some(lid(1, at)));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_newer_snapshot_replaces_the_older_one() -> TestResult {
+    let (dir, mut s) = fresh().await?;
+    s.sm.apply([
+        membership_entry(1, 1, &[1]),
+        post(1, 2, &msg("general", "a")),
+    ])
+    .await?;
+    let first = s.sm.get_snapshot_builder().await.build_snapshot().await?;
+    s.sm.apply([post(1, 3, &msg("general", "b"))]).await?;
+    let second = s.sm.get_snapshot_builder().await.build_snapshot().await?;
+    assert_eq!(first.meta.last_log_id, Some(lid(1, 2)));
+    assert_eq!(second.meta.last_log_id, Some(lid(1, 3)));
+    let id = &second.meta.snapshot_id;
+    assert_eq!(
+        snapshot_files(&dir)?,
+        vec![format!("{id}.db"), format!("{id}.meta.json")]
+    );
+    // The handle of the deleted snapshot still reads the whole file.
+    let mut old = first.snapshot;
+    let mut bytes = Vec::new();
+    old.read_to_end(&mut bytes).await?;
+    assert!(bytes.starts_with(b"SQLite format 3\0"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_see_whole_batches_while_apply_runs() -> TestResult {
+    let (_dir, mut s) = fresh().await?;
+    let batches: u64 = 60;
+    let per_batch: u64 = 5;
+    let mut readers = Vec::new();
+    for _ in 0..6 {
+        let reader = s.reader.clone();
+        readers.push(tokio::spawn(async move {
+            loop {
+                let page = reader.page("general", 1, usize::MAX).await?;
+                let n = page.len() as u64;
+                // Never a partial batch, never a gap.
+                assert_eq!(n % per_batch, 0, "saw a partial batch");
+                assert!(page.iter().zip(1..).all(|(r, seq)| r.seq == seq));
+                if n == batches * per_batch {
+                    return Ok::<(), StoreError>(());
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let mut applied = s.reader.applied();
+    let waiter = tokio::spawn(async move { applied.wait_for(|&i| i >= 300).await.map(|i| *i) });
+    let mut index = 0;
+    for _ in 0..batches {
+        let entries: Vec<Entry> = (0..per_batch)
+            .map(|_| {
+                index += 1;
+                post(1, index, &msg("general", "x"))
+            })
+            .collect();
+        s.sm.apply(entries).await?;
+    }
+    for r in readers {
+        r.await??;
+    }
+    assert_eq!(waiter.await??, batches * per_batch);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_snapshot_behind_the_state_machine_is_refused() -> TestResult {
+    let (_ldir, mut leader) = fresh().await?;
+    leader
+        .sm
+        .apply([
+            membership_entry(1, 1, &[1]),
+            post(1, 2, &msg("general", "a")),
+        ])
+        .await?;
+    leader
+        .sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await?;
+
+    let (_fdir, mut follower) = fresh().await?;
+    let entries = [
+        membership_entry(1, 1, &[1]),
+        post(1, 2, &msg("general", "a")),
+        post(1, 3, &msg("general", "b")),
+    ];
+    follower.sm.apply(entries).await?;
+    let before = dump(&follower.reader).await?;
+    assert!(transfer(&mut leader.sm, &mut follower.sm).await.is_err());
+    assert_eq!(dump(&follower.reader).await?, before);
+    assert_eq!(follower.sm.applied_state().await?.0, Some(lid(1, 3)));
+    assert_eq!(*follower.reader.applied().borrow(), 3);
+    Ok(())
+}
