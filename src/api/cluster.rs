@@ -12,7 +12,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::Filter;
 
 use super::error::reply_json;
-use super::{with_state, ApiError, AppState, FORWARDED_HEADER};
+use super::{limited_body, with_state, ApiError, AppState, FORWARDED_HEADER};
 use crate::types::{Node, NodeId};
 
 /// A join waits this long at least: a new node may need a whole snapshot before it is a voter.
@@ -25,8 +25,7 @@ pub fn routes(
         .and(warp::post())
         .and(with_state(state.clone()))
         .and(warp::header::headers_cloned())
-        .and(warp::body::content_length_limit(64 * 1024))
-        .and(warp::body::bytes())
+        .and(limited_body(64 * 1024))
         .then(
             |state: Arc<AppState>, headers: HeaderMap, body: Bytes| async move {
                 reply_json(

@@ -56,6 +56,8 @@ impl ApiError {
     }
 }
 
+impl warp::reject::Reject for ApiError {}
+
 impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

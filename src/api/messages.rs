@@ -15,7 +15,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::{Filter, Reply};
 
 use super::error::reply_json;
-use super::{with_state, ApiError, AppState, FORWARDED_HEADER};
+use super::{limited_body, with_state, ApiError, AppState, FORWARDED_HEADER};
 use crate::config::Limits;
 use crate::types::{NewMessage, NodeId, Record, Request, Response, VectorClock};
 
@@ -29,8 +29,7 @@ pub fn routes(
         .and(warp::post())
         .and(with_state(state.clone()))
         .and(warp::header::headers_cloned())
-        .and(warp::body::content_length_limit(max_body))
-        .and(warp::body::bytes())
+        .and(limited_body(max_body))
         .then(post_message);
     let history = warp::path!("api" / "v1" / "messages")
         .and(warp::get())

@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::StreamExt;
 use tokio::sync::watch;
 use warp::http::StatusCode;
 use warp::{Filter, Reply};
@@ -85,6 +87,57 @@ pub fn routes(
     api.recover(recover)
 }
 
+/// The request body, read up to `max` bytes: a bigger `Content-Length`, or a chunked body that
+/// grows past `max`, is refused with 413 before more is read. A body without `Content-Length`
+/// is accepted, unlike warp's own limit filter.
+fn limited_body(max: u64) -> impl Filter<Extract = (Bytes,), Error = warp::Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .and_then(move |declared, body| read_limited(declared, body, max))
+}
+
+async fn read_limited<S, B>(
+    declared: Option<u64>,
+    body: S,
+    max: u64,
+) -> Result<Bytes, warp::Rejection>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let too_large = || {
+        warp::reject::custom(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is larger than {max} bytes (limits.max_body_bytes)"),
+        ))
+    };
+    if declared.is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| {
+            warp::reject::custom(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("the body could not be read: {e}"),
+            ))
+        })?;
+        if buf.len() as u64 + chunk.remaining() as u64 > max {
+            return Err(too_large());
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            buf.extend_from_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
 fn with_state(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (Arc<AppState>,), Error = Infallible> + Clone {
@@ -94,7 +147,9 @@ fn with_state(
 /// Turns warp's own rejections into JSON errors.
 async fn recover(rejection: warp::Rejection) -> Result<warp::reply::Response, Infallible> {
     use warp::reject;
-    let err = if rejection.find::<reject::MethodNotAllowed>().is_some() {
+    let err = if let Some(e) = rejection.find::<ApiError>() {
+        e.clone()
+    } else if rejection.find::<reject::MethodNotAllowed>().is_some() {
         ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
