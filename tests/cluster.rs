@@ -378,3 +378,79 @@ async fn join_is_idempotent_and_refuses_a_changed_address() {
         );
     }
 }
+
+/// A linearizable read on a follower sees every write acknowledged before it began, even one
+/// the follower has not applied yet; the conversation list agrees with the history.
+#[tokio::test(flavor = "multi_thread")]
+async fn linearizable_reads_on_followers_see_every_acknowledged_write() {
+    let c = Cluster::start(Options::nodes(3)).await;
+    let leader = c.leader().await;
+    let followers = c.others(leader);
+    let mut stale_local_reads = 0;
+    for i in 1..=20u64 {
+        let msg = json!({"conv_id": "lin", "sender": "w", "payload": format!("p{i}")});
+        let r = c.post(leader, &msg).await.expect("write to the leader");
+        assert_eq!(r.code(), 201, "{}", r.text());
+        let follower = followers[(i % 2) as usize];
+        let local = c
+            .http
+            .get(
+                c.api(follower),
+                "/api/v1/messages?conv_id=lin&from=1&limit=1000",
+            )
+            .await
+            .expect("local read");
+        if local.json()["last_seq"].as_u64() < Some(i) {
+            stale_local_reads += 1;
+        }
+        let lin = c
+            .http
+            .get(
+                c.api(follower),
+                "/api/v1/messages?conv_id=lin&from=1&limit=1000&consistency=linearizable",
+            )
+            .await
+            .expect("linearizable read");
+        assert_eq!(lin.code(), 200, "{}", lin.text());
+        let page = lin.json();
+        let records = page["messages"].as_array().expect("messages");
+        assert_eq!(
+            records.len() as u64,
+            i,
+            "linearizable read on node {follower} missed an acknowledged write"
+        );
+        assert_eq!(u64_of(records.last().expect("a record"), "seq"), i);
+        assert_eq!(page["next_from"].as_u64(), Some(i + 1));
+    }
+    eprintln!("local follower reads that lagged the leader: {stale_local_reads} of 20");
+
+    for id in c.ids() {
+        let r = c
+            .http
+            .get(c.api(id), "/api/v1/conversations")
+            .await
+            .expect("conversations");
+        let convs = r.json()["conversations"].clone();
+        let lin = convs
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|cv| cv["conv_id"] == "lin")
+            .cloned();
+        let lin = match lin {
+            Some(v) => v,
+            None => {
+                wait_until("node to list conv lin", Duration::from_secs(5), || async {
+                    let r = c.http.get(c.api(id), "/api/v1/conversations").await?;
+                    r.json()["conversations"]
+                        .as_array()
+                        .and_then(|a| a.iter().find(|cv| cv["conv_id"] == "lin").cloned())
+                        .ok_or_else(|| "conv lin missing".to_string())
+                })
+                .await
+            }
+        };
+        assert_eq!(lin["count"].as_u64(), Some(20), "node {id}: {lin}");
+        assert_eq!(lin["last_seq"].as_u64(), Some(20), "node {id}: {lin}");
+    }
+}

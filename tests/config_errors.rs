@@ -180,3 +180,47 @@ async fn a_second_daemon_on_the_same_data_dir_exits_1() {
     c.wait_ready(1, Duration::from_secs(15)).await;
     assert_eq!(c.messages(1, "general").await.expect("reading"), msgs);
 }
+
+/// `CHATRAFTD_*` variables override file keys (`__` between table and key), and a bad value
+/// from the environment is reported with the variable's name.
+#[tokio::test(flavor = "multi_thread")]
+async fn environment_overrides_file_keys() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let bad_listen = replace_listen(&good_config(dir.path()), "api", "not-an-address");
+    let path = write(dir.path(), "bad.toml", &bad_listen);
+    let check = |env: Vec<(&'static str, String)>| {
+        let path = path.clone();
+        async move {
+            let mut cmd = common::daemon_command();
+            cmd.args(["--check-config", "--config", &path]);
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let out = tokio::task::spawn_blocking(move || cmd.output())
+                .await
+                .expect("joining the check")
+                .expect("running chatraftd --check-config");
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        }
+    };
+
+    let (code, stderr) = check(vec![]).await;
+    assert_eq!(code, Some(2), "the file alone is bad: {stderr}");
+    assert!(stderr.contains("api.listen"), "{stderr}");
+
+    // The environment repairs the file's bad key.
+    let (code, stderr) = check(vec![("CHATRAFTD_API__LISTEN", common::free_addr())]).await;
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // A bad value from the environment names the variable.
+    let (code, stderr) = check(vec![
+        ("CHATRAFTD_API__LISTEN", common::free_addr()),
+        ("CHATRAFTD_NODE_ID", "seven".into()),
+    ])
+    .await;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("CHATRAFTD_NODE_ID"), "{stderr}");
+}
