@@ -2,13 +2,25 @@
 //!
 //! Entries are stored as JSON, keyed by their index. The log is a contiguous range
 //! `(last_purged, last]`: `purge` cuts the front, `truncate` cuts the back, `append` extends it.
+//!
+//! # Group commit
+//! One writer thread owns the only writing connection. Every write (append, vote, committed,
+//! truncate, purge) is a command on its queue; the thread takes everything queued, runs it in
+//! ONE transaction, commits (one fsync), and only then reports each command done. While one
+//! fsync runs, the next batch queues up, so a busy leader pays one fsync for many entries.
+//!
+//! `append` returns as soon as its entries are queued, as openraft's storage API allows; the
+//! flush callback fires after the commit. Until then the entries sit in `unflushed`, which
+//! reads overlay on the database, so replication can send an entry before it is on the
+//! leader's disk (the leader counts its own copy toward a quorum only once flushed).
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
@@ -43,9 +55,13 @@ pub struct LogStore {
 struct LogShared {
     /// Path of `raft-log.db`, for error messages.
     path: PathBuf,
-    /// The only connection that writes. Openraft already serializes write IO (append, truncate,
-    /// purge, vote); the mutex makes the connection shareable with blocking tasks.
-    writer: Mutex<Connection>,
+    /// The writer thread's queue; the thread owns the only connection that writes.
+    writer: Mutex<mpsc::Sender<Command>>,
+    /// Joined on drop, so the last handle going away means every queued write is done.
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Entries appended but not yet committed to disk, by index. Reads overlay them on the
+    /// database; the writer removes each one after its commit.
+    unflushed: Arc<Mutex<BTreeMap<u64, Entry>>>,
     /// A second connection for log reads (replication streams), so that they never queue
     /// behind an append's fsync. WAL gives it every transaction committed before the read starts.
     reader: Mutex<Connection>,
@@ -61,12 +77,29 @@ impl LogStore {
         ensure_schema(&mut writer, path, SCHEMA)?;
         let reader = open_live(path, Access::ReadOnly)?;
         let committed: Option<LogId> = get_meta(&reader, path, KEY_COMMITTED)?;
+        let committed = Arc::new(AtomicU64::new(committed.map_or(0, |c| c.index)));
+        let unflushed = Arc::new(Mutex::new(BTreeMap::new()));
+        let (tx, rx) = mpsc::channel();
+        let thread = Writer {
+            conn: writer,
+            path: path.to_path_buf(),
+            rx,
+            unflushed: unflushed.clone(),
+            committed: committed.clone(),
+            failed: None,
+        };
+        let handle = std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || thread.run())
+            .map_err(StoreError::io("start the log writer thread for", path))?;
         Ok(LogStore {
             inner: Arc::new(LogShared {
                 path: path.to_path_buf(),
-                writer: Mutex::new(writer),
+                writer: Mutex::new(tx),
+                thread: Mutex::new(Some(handle)),
+                unflushed,
                 reader: Mutex::new(reader),
-                committed: Arc::new(AtomicU64::new(committed.map_or(0, |c| c.index))),
+                committed,
             }),
         })
     }
@@ -96,25 +129,27 @@ impl LogStore {
         .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Read))
     }
 
-    async fn write<T, F>(&self, subject: ErrorSubject<NodeId>, f: F) -> Result<T, StorageError>
+    /// Runs `op` in the writer's next transaction and waits until that transaction is on disk.
+    async fn write<F>(&self, subject: ErrorSubject<NodeId>, op: F) -> Result<(), StorageError>
     where
-        F: FnOnce(&Transaction<'_>, &Path) -> Result<T, StoreError> + Send + 'static,
-        T: Send + 'static,
+        F: FnOnce(&Transaction<'_>, &Path) -> Result<(), StoreError> + Send + 'static,
     {
-        let inner = self.inner.clone();
-        blocking(move || {
-            let path = inner.path.as_path();
-            let mut conn = lock(&inner.writer, path)?;
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .at(path)?;
-            let out = f(&tx, path)?;
-            // Durability: with synchronous=FULL this COMMIT fsyncs the WAL before returning.
-            tx.commit().at(path)?;
-            Ok(out)
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.send(Command::Exec {
+            op: Some(Box::new(op)),
+            done,
         })
-        .await
-        .map_err(|e| e.into_storage(subject, ErrorVerb::Write))
+        .map_err(|e| e.into_storage(subject.clone(), ErrorVerb::Write))?;
+        let result = wait
+            .await
+            .unwrap_or_else(|_| Err(StoreError::Task("the log writer stopped".into())));
+        result.map_err(|e| e.into_storage(subject, ErrorVerb::Write))
+    }
+
+    fn send(&self, command: Command) -> Result<(), StoreError> {
+        lock(&self.inner.writer, &self.inner.path)?
+            .send(command)
+            .map_err(|_| StoreError::Task("the log writer stopped".into()))
     }
 
     async fn read<T, F>(&self, subject: ErrorSubject<NodeId>, f: F) -> Result<T, StorageError>
@@ -207,20 +242,43 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let Some((start, end)) = sql_bounds(&range) else {
             return Ok(Vec::new());
         };
-        self.read(ErrorSubject::Logs, move |conn, path| {
-            let mut stmt = conn
-                .prepare_cached("SELECT entry FROM log WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx")
-                .at(path)?;
-            let rows = stmt
-                .query_map((start, end), |r| r.get::<_, String>(0))
-                .at(path)?;
-            let mut entries = Vec::new();
-            for json in rows {
-                entries.push(decode_entry(path, &json.at(path)?)?);
-            }
-            Ok(entries)
-        })
-        .await
+        // Entries not yet on disk are served from memory. Only ask the database for what lies
+        // before the first of them: everything after it is unflushed too.
+        let (pending, db_end) = {
+            let unflushed = lock(&self.inner.unflushed, &self.inner.path)
+                .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Read))?;
+            let pending: Vec<Entry> = unflushed
+                .range(start as u64..=end as u64)
+                .map(|(_, e)| e.clone())
+                .collect();
+            let db_end = match pending.first() {
+                Some(first) => (first.log_id.index as i64 - 1).min(end),
+                None => end,
+            };
+            (pending, db_end)
+        };
+        let mut entries = if start <= db_end {
+            self.read(ErrorSubject::Logs, move |conn, path| {
+                let mut stmt = conn
+                    .prepare_cached(
+                        "SELECT entry FROM log WHERE idx >= ?1 AND idx <= ?2 ORDER BY idx",
+                    )
+                    .at(path)?;
+                let rows = stmt
+                    .query_map((start, db_end), |r| r.get::<_, String>(0))
+                    .at(path)?;
+                let mut entries = Vec::new();
+                for json in rows {
+                    entries.push(decode_entry(path, &json.at(path)?)?);
+                }
+                Ok(entries)
+            })
+            .await?
+        } else {
+            Vec::new()
+        };
+        entries.extend(pending);
+        Ok(entries)
     }
 }
 
@@ -228,26 +286,35 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        self.read(ErrorSubject::Logs, |conn, path| {
-            let last_purged_log_id: Option<LogId> = get_meta(conn, path, KEY_LAST_PURGED)?;
-            let last_json: Option<String> = conn
-                .query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| {
-                    r.get(0)
+        let last_unflushed = lock(&self.inner.unflushed, &self.inner.path)
+            .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Read))?
+            .last_key_value()
+            .map(|(_, e)| e.log_id);
+        let state = self
+            .read(ErrorSubject::Logs, |conn, path| {
+                let last_purged_log_id: Option<LogId> = get_meta(conn, path, KEY_LAST_PURGED)?;
+                let last_json: Option<String> = conn
+                    .query_row("SELECT entry FROM log ORDER BY idx DESC LIMIT 1", [], |r| {
+                        r.get(0)
+                    })
+                    .optional()
+                    .at(path)?;
+                let last_entry_id = match last_json {
+                    Some(json) => Some(decode_entry(path, &json)?.log_id),
+                    None => None,
+                };
+                // purge deletes every entry up to last_purged, so a remaining entry is always newer.
+                let last_log_id = last_entry_id.or(last_purged_log_id);
+                Ok(LogState {
+                    last_purged_log_id,
+                    last_log_id,
                 })
-                .optional()
-                .at(path)?;
-            let last_entry_id = match last_json {
-                Some(json) => Some(decode_entry(path, &json)?.log_id),
-                None => None,
-            };
-            // purge deletes every entry up to last_purged, so a remaining entry is always newer.
-            let last_log_id = last_entry_id.or(last_purged_log_id);
-            Ok(LogState {
-                last_purged_log_id,
-                last_log_id,
             })
+            .await?;
+        Ok(LogState {
+            last_log_id: last_unflushed.or(state.last_log_id),
+            ..state
         })
-        .await
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -270,21 +337,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
     }
 
+    /// Queued with the next group commit, not waited for: openraft does not need the committed
+    /// index on disk before it goes on (losing it only means re-applying from the log).
+    /// `commit_index_handle` shows it once it is on disk.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.write(ErrorSubject::Store, move |tx, path| match committed {
-            Some(c) => put_meta(tx, path, KEY_COMMITTED, &c),
-            None => {
-                tx.execute("DELETE FROM meta WHERE key = ?1", [KEY_COMMITTED])
-                    .at(path)?;
-                Ok(())
-            }
-        })
-        .await?;
-        // Published only once it is on disk, like everything else this store reports.
-        self.inner
-            .committed
-            .store(committed.map_or(0, |c| c.index), Ordering::Release);
-        Ok(())
+        self.send(Command::Committed(committed))
+            .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Write))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -294,10 +352,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
     }
 
-    /// Writes the whole batch in one transaction.
+    /// Queues the batch for the writer and returns.
     ///
-    /// Durability: `callback` is told only after the COMMIT returned, i.e. after the WAL was
-    /// fsynced; openraft counts this node's copy toward a quorum only then.
+    /// Durability: `callback` is told only after the group commit holding these entries
+    /// returned, i.e. after the WAL was fsynced; openraft counts this node's copy toward a
+    /// quorum only then.
     async fn append<I>(
         &mut self,
         entries: I,
@@ -308,38 +367,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        let result = self
-            .write(ErrorSubject::Logs, move |tx, path| {
-                let mut stmt = tx
-                    .prepare_cached("INSERT OR REPLACE INTO log (idx, entry) VALUES (?1, ?2)")
-                    .at(path)?;
-                for entry in &entries {
-                    let json =
-                        serde_json::to_string(entry).map_err(|source| StoreError::Serde {
-                            what: "log entry",
-                            path: path.to_path_buf(),
-                            source,
-                        })?;
-                    stmt.execute((to_sql(entry.log_id.index, "log index", path)?, json))
-                        .at(path)?;
-                }
-                Ok(())
-            })
-            .await;
-        match result {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(io::Error::other(e.to_string())));
-                Err(e)
+        let fail = |e: StoreError| e.into_storage(ErrorSubject::Logs, ErrorVerb::Write);
+        {
+            let mut unflushed = lock(&self.inner.unflushed, &self.inner.path).map_err(fail)?;
+            for e in &entries {
+                unflushed.insert(e.log_id.index, e.clone());
             }
         }
+        self.send(Command::Append { entries, callback })
+            .map_err(fail)
     }
 
     /// Deletes `log_id.index` and everything after it, in one transaction.
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Queued appends of these indexes still reach the database, but the DELETE below runs
+        // after them in the same order; readers stop seeing them now.
+        lock(&self.inner.unflushed, &self.inner.path)
+            .map_err(|e| e.into_storage(ErrorSubject::Log(log_id), ErrorVerb::Write))?
+            .split_off(&log_id.index);
         self.write(ErrorSubject::Log(log_id), move |tx, path| {
             tx.execute(
                 "DELETE FROM log WHERE idx >= ?1",
@@ -368,5 +413,168 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             put_meta(tx, path, KEY_LAST_PURGED, &log_id)
         })
         .await
+    }
+}
+
+impl Drop for LogShared {
+    fn drop(&mut self) {
+        // Replacing the only sender disconnects the queue: the writer finishes what is queued,
+        // then returns.
+        if let Ok(mut writer) = self.writer.lock() {
+            *writer = mpsc::channel().0;
+        }
+        let handle = self.thread.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!(path = %self.path.display(), "the log writer thread panicked");
+            }
+        }
+    }
+}
+
+/// A unit of work for the writer thread.
+enum Command {
+    /// Entries to insert; `callback` fires once they are on disk.
+    Append {
+        entries: Vec<Entry>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    /// The committed log id; published through `commit_index_handle` once on disk.
+    Committed(Option<LogId>),
+    /// Any other write; `done` gets the outcome once it is on disk.
+    Exec {
+        /// Taken (left `None`) when it runs.
+        op: Option<WriteOp>,
+        done: tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// A write run inside the writer's transaction.
+type WriteOp = Box<dyn FnOnce(&Transaction<'_>, &Path) -> Result<(), StoreError> + Send>;
+
+/// The most commands one group commit takes, so one huge burst cannot delay every ack.
+const MAX_GROUP: usize = 1024;
+
+/// The writer thread: one transaction and one fsync per batch of queued commands.
+struct Writer {
+    conn: Connection,
+    path: PathBuf,
+    rx: mpsc::Receiver<Command>,
+    unflushed: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    committed: Arc<AtomicU64>,
+    /// Set by the first failed commit: nothing is written after it, every later command fails
+    /// (the node stops on the first error; this keeps a half-broken disk from being trusted).
+    failed: Option<String>,
+}
+
+impl Writer {
+    fn run(mut self) {
+        // Ends when every LogStore handle is dropped.
+        while let Ok(first) = self.rx.recv() {
+            let mut group = vec![first];
+            while group.len() < MAX_GROUP {
+                match self.rx.try_recv() {
+                    Ok(c) => group.push(c),
+                    Err(_) => break,
+                }
+            }
+            let result = match &self.failed {
+                Some(why) => Err(StoreError::Task(format!("an earlier write failed: {why}"))),
+                None => self.commit(&mut group),
+            };
+            if let Err(e) = &result {
+                self.failed.get_or_insert_with(|| e.to_string());
+            }
+            self.finish(group, result);
+        }
+    }
+
+    /// Runs every command of the group in one transaction. `Exec` ops are taken out of the
+    /// group as they run; appends stay for `finish`.
+    fn commit(&mut self, group: &mut [Command]) -> Result<(), StoreError> {
+        let path = self.path.clone();
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at(&path)?;
+        for command in group.iter_mut() {
+            match command {
+                Command::Append { entries, .. } => {
+                    let mut stmt = tx
+                        .prepare_cached("INSERT OR REPLACE INTO log (idx, entry) VALUES (?1, ?2)")
+                        .at(&path)?;
+                    for entry in entries.iter() {
+                        let json =
+                            serde_json::to_string(entry).map_err(|source| StoreError::Serde {
+                                what: "log entry",
+                                path: path.clone(),
+                                source,
+                            })?;
+                        stmt.execute((to_sql(entry.log_id.index, "log index", &path)?, json))
+                            .at(&path)?;
+                    }
+                }
+                Command::Committed(Some(c)) => put_meta(&tx, &path, KEY_COMMITTED, c)?,
+                Command::Committed(None) => {
+                    tx.execute("DELETE FROM meta WHERE key = ?1", [KEY_COMMITTED])
+                        .at(&path)?;
+                }
+                Command::Exec { op, .. } => {
+                    if let Some(op) = op.take() {
+                        op(&tx, &path)?;
+                    }
+                }
+            }
+        }
+        // Durability: with synchronous=FULL this COMMIT fsyncs the WAL before returning.
+        tx.commit().at(&path)
+    }
+
+    /// Reports the group's outcome: flush callbacks, waiting writers, and the unflushed map.
+    fn finish(&self, group: Vec<Command>, result: Result<(), StoreError>) {
+        if result.is_ok() {
+            if let Ok(mut unflushed) = self.unflushed.lock() {
+                for command in &group {
+                    if let Command::Append { entries, .. } = command {
+                        for e in entries {
+                            // A truncate may have replaced this index with a newer entry since.
+                            if unflushed
+                                .get(&e.log_id.index)
+                                .is_some_and(|u| u.log_id == e.log_id)
+                            {
+                                unflushed.remove(&e.log_id.index);
+                            }
+                        }
+                    }
+                }
+            }
+        } else if let Err(e) = &result {
+            tracing::error!(error = %e, path = %self.path.display(), "the Raft log could not be written");
+        }
+        for command in group {
+            match command {
+                Command::Append { callback, .. } => {
+                    let outcome = match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(io::Error::other(e.to_string())),
+                    };
+                    callback.log_io_completed(outcome);
+                }
+                Command::Committed(c) => {
+                    if result.is_ok() {
+                        // Published only once it is on disk, like everything this store reports.
+                        self.committed
+                            .store(c.map_or(0, |c| c.index), Ordering::Release);
+                    }
+                }
+                Command::Exec { done, .. } => {
+                    let outcome = match &result {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(StoreError::Task(format!("the group commit failed: {e}"))),
+                    };
+                    let _ = done.send(outcome);
+                }
+            }
+        }
     }
 }
