@@ -1,0 +1,186 @@
+//! `GET /api/v1/cluster`: every member's status, gathered by the answering node.
+//!
+//! A browser may only call the node that served its page, so this node asks each other member's
+//! `GET /api/v1/status` (in parallel, through the shared keep-alive client, with a short timeout)
+//! and answers with one list in which each member is marked up or down. Replication lag comes
+//! from the leader's own progress: this node's metrics when it leads, otherwise the `replication`
+//! list of the leader's status.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use serde::Serialize;
+use serde_json::Value;
+use warp::http::StatusCode;
+use warp::Filter;
+
+use super::cluster::status;
+use super::error::reply_json;
+use super::{with_state, AppState};
+use crate::types::NodeId;
+
+/// How long a member may take to answer before it is shown as down. A healthy member answers
+/// `/api/v1/status` from memory in well under a millisecond on a LAN.
+const MEMBER_TIMEOUT: Duration = Duration::from_millis(800);
+
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    warp::path!("api" / "v1" / "cluster")
+        .and(warp::get())
+        .and(with_state(state))
+        .then(|state: Arc<AppState>| async move {
+            reply_json(Ok((StatusCode::OK, overview(&state).await)))
+        })
+}
+
+#[derive(Serialize)]
+struct Overview {
+    /// The node that answered, and its own view of the cluster.
+    node_id: NodeId,
+    role: Value,
+    term: Value,
+    leader: Value,
+    members: Vec<MemberView>,
+}
+
+#[derive(Serialize)]
+struct MemberView {
+    node_id: NodeId,
+    api_addr: String,
+    voter: bool,
+    /// The member answered its status within the timeout.
+    up: bool,
+    /// Why a member is down (unreachable, timed out, bad answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    /// The member's own words; null when it is down.
+    role: Value,
+    term: Value,
+    last_log_index: Value,
+    commit_index: Value,
+    last_applied: Value,
+    /// The leader's last log index minus what the leader knows this member holds; null when
+    /// no reachable leader reported its replication progress.
+    lag: Option<u64>,
+}
+
+async fn overview(state: &AppState) -> Overview {
+    // This node's own status never travels over HTTP.
+    let me = serde_json::to_value(status(state)).unwrap_or_default();
+    let members: Vec<(NodeId, String, bool)> = me["members"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .filter_map(|m| {
+                    Some((
+                        m["node_id"].as_u64()?,
+                        m["api_addr"].as_str()?.to_string(),
+                        m["voter"].as_bool().unwrap_or(false),
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    let answers = join_all(members.iter().map(|(id, addr, _)| {
+        let me = &me;
+        async move {
+            if *id == state.node_id {
+                Ok(me.clone())
+            } else {
+                member_status(state, addr).await
+            }
+        }
+    }))
+    .await;
+
+    let by_id: BTreeMap<NodeId, &Result<Value, String>> = members
+        .iter()
+        .map(|(id, _, _)| *id)
+        .zip(answers.iter())
+        .collect();
+    let lags = replication_lag(&me, &by_id);
+
+    let views = members
+        .iter()
+        .zip(answers.iter())
+        .map(|((id, addr, voter), answer)| {
+            let (up, error, s) = match answer {
+                Ok(s) => (true, None, s.clone()),
+                Err(e) => (false, Some(e.clone()), Value::Null),
+            };
+            MemberView {
+                node_id: *id,
+                api_addr: addr.clone(),
+                voter: *voter,
+                up,
+                error,
+                role: s["role"].clone(),
+                term: s["term"].clone(),
+                last_log_index: s["last_log_index"].clone(),
+                commit_index: s["commit_index"].clone(),
+                last_applied: s["last_applied"].clone(),
+                lag: lags.get(id).copied(),
+            }
+        })
+        .collect();
+    Overview {
+        node_id: state.node_id,
+        role: me["role"].clone(),
+        term: me["term"].clone(),
+        leader: me["leader"].clone(),
+        members: views,
+    }
+}
+
+async fn member_status(state: &AppState, addr: &str) -> Result<Value, String> {
+    let resp = state
+        .client
+        .request(
+            hyper::Method::GET,
+            addr,
+            "/api/v1/status",
+            &[],
+            Bytes::new(),
+            MEMBER_TIMEOUT,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    if resp.status != StatusCode::OK {
+        return Err(format!("status answered {}", resp.status));
+    }
+    serde_json::from_slice(&resp.body).map_err(|e| format!("status is not JSON: {e}"))
+}
+
+/// Lag per member from the status of whichever member says it leads and reports replication
+/// progress (at most one leader per term; the highest term wins if two answered).
+fn replication_lag(
+    me: &Value,
+    statuses: &BTreeMap<NodeId, &Result<Value, String>>,
+) -> BTreeMap<NodeId, u64> {
+    let leader = std::iter::once(me)
+        .chain(statuses.values().filter_map(|r| r.as_ref().ok()))
+        .filter(|s| s["role"] == "leader" && s["replication"].is_array())
+        .max_by_key(|s| s["term"].as_u64().unwrap_or(0));
+    let Some(leader) = leader else {
+        return BTreeMap::new();
+    };
+    let last = leader["last_log_index"].as_u64().unwrap_or(0);
+    let mut lags: BTreeMap<NodeId, u64> = leader["replication"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            let matched = r["matched_index"].as_u64()?;
+            Some((r["node_id"].as_u64()?, last.saturating_sub(matched)))
+        })
+        .collect();
+    if let Some(id) = leader["node_id"].as_u64() {
+        lags.insert(id, 0);
+    }
+    lags
+}
