@@ -1,5 +1,5 @@
-//! The client HTTP API: messages, the event stream, history, membership and health, and the
-//! cluster overview.
+//! The client HTTP API: messages, the event stream, history, membership and health, the
+//! cluster overview and the web page.
 //!
 //! Every handler answers with a complete response; warp's own rejections (unknown path, wrong
 //! method, body too large) are turned into the same JSON error shape by [`recover`].
@@ -9,6 +9,7 @@ mod error;
 mod messages;
 mod overview;
 mod stream;
+mod web;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -86,7 +87,8 @@ pub fn routes(
     let api = messages::routes(state.clone())
         .or(stream::routes(state.clone()))
         .or(cluster::routes(state.clone()))
-        .or(overview::routes(state));
+        .or(overview::routes(state))
+        .or(web::routes());
     api.recover(recover)
 }
 
