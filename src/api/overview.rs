@@ -2,7 +2,8 @@
 //!
 //! A browser may only call the node that served its page, so this node asks each other member's
 //! `GET /api/v1/status` (in parallel, through the shared keep-alive client, with a short timeout)
-//! and answers with one list in which each member is marked up or down. Replication lag comes
+//! and answers with one list in which each member is marked up or down; an answer is reused for
+//! a second, so many open pages do not multiply the calls. Replication lag comes
 //! from the leader's own progress: this node's metrics when it leads, otherwise the `replication`
 //! list of the leader's status.
 
@@ -14,6 +15,8 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use serde::Serialize;
 use serde_json::Value;
+use tokio::sync::Mutex;
+use tokio::time::Instant;
 use warp::http::StatusCode;
 use warp::Filter;
 
@@ -26,14 +29,36 @@ use crate::types::NodeId;
 /// `/api/v1/status` from memory in well under a millisecond on a LAN.
 const MEMBER_TIMEOUT: Duration = Duration::from_millis(800);
 
+/// How long an answer is reused. However many pages poll this node, it asks the other members
+/// at most once per this interval.
+const FRESH_FOR: Duration = Duration::from_secs(1);
+
+/// An answer and when it was made.
+type Stamped = (Instant, Arc<Overview>);
+
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
+    // The last answer and when it was made. The lock is held while a new answer is gathered,
+    // so callers arriving meanwhile wait for it and share it instead of asking again.
+    let last: Arc<Mutex<Option<Stamped>>> = Arc::new(Mutex::new(None));
     warp::path!("api" / "v1" / "cluster")
         .and(warp::get())
         .and(with_state(state))
-        .then(|state: Arc<AppState>| async move {
-            reply_json(Ok((StatusCode::OK, overview(&state).await)))
+        .then(move |state: Arc<AppState>| {
+            let last = last.clone();
+            async move {
+                let mut last = last.lock().await;
+                let answer = match &*last {
+                    Some((at, answer)) if at.elapsed() < FRESH_FOR => answer.clone(),
+                    _ => {
+                        let answer = Arc::new(overview(&state).await);
+                        *last = Some((Instant::now(), answer.clone()));
+                        answer
+                    }
+                };
+                reply_json(Ok((StatusCode::OK, answer)))
+            }
         })
 }
 
