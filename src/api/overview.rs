@@ -209,3 +209,51 @@ fn replication_lag(
     }
     lags
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn lag_of(me: Value, others: &[(NodeId, Result<Value, String>)]) -> BTreeMap<NodeId, u64> {
+        let by_id = others.iter().map(|(id, r)| (*id, r)).collect();
+        replication_lag(&me, &by_id)
+    }
+
+    #[test]
+    fn lag_comes_from_the_leaders_replication_progress() {
+        let follower = json!({"node_id": 2, "role": "follower", "term": 3});
+        let leader = json!({
+            "node_id": 1, "role": "leader", "term": 3, "last_log_index": 40,
+            "replication": [
+                {"node_id": 1, "matched_index": 40},
+                {"node_id": 2, "matched_index": 38},
+                {"node_id": 3, "matched_index": 0},
+            ],
+        });
+        let others = vec![(1, Ok(leader)), (3, Err("refused".into()))];
+        let lags = lag_of(follower, &others);
+        assert_eq!(lags, BTreeMap::from([(1, 0), (2, 2), (3, 40)]));
+    }
+
+    #[test]
+    fn no_reachable_leader_means_no_lag() {
+        let follower = json!({"node_id": 2, "role": "follower", "term": 3});
+        let others = vec![(1, Err("timed out".into()))];
+        assert!(lag_of(follower, &others).is_empty());
+    }
+
+    #[test]
+    fn a_stale_leader_loses_to_the_newer_term() {
+        let old = json!({
+            "node_id": 1, "role": "leader", "term": 2, "last_log_index": 10,
+            "replication": [{"node_id": 2, "matched_index": 1}],
+        });
+        let new = json!({
+            "node_id": 3, "role": "leader", "term": 4, "last_log_index": 12,
+            "replication": [{"node_id": 2, "matched_index": 12}],
+        });
+        let others = vec![(3, Ok(new))];
+        assert_eq!(lag_of(old, &others), BTreeMap::from([(2, 0), (3, 0)]));
+    }
+}
