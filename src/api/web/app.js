@@ -481,9 +481,14 @@
     window.addEventListener('resize', drawChart);
     route();
     loadConversations();
-    pollCluster();
-    setInterval(pollCluster, POLL_MS);
     setInterval(loadConversations, 5 * POLL_MS);
+    // One poll at a time: a slow answer delays the next poll instead of piling up requests.
+    (async () => {
+      for (;;) {
+        await pollCluster();
+        await sleep(POLL_MS);
+      }
+    })();
   }
 
   start();
