@@ -6,7 +6,8 @@
 //! - [`store`]: SQLite storage: the Raft log, the state machine (the message table, the only
 //!   writer of it), snapshots, and the read pool the API uses.
 //! - [`network`]: Raft RPC over HTTP, client and server side, and the shared HTTP client.
-//! - [`api`]: the client HTTP API: messages, stream, history, join, status, health.
+//! - [`api`]: the client HTTP API: messages, stream, history, join, status, health, the
+//!   cluster overview, and the web page (`api/web/`, compiled into the binary).
 //! - [`server`]: wiring of one node, bootstrap and join, ordered shutdown.
 //! - [`sys`]: logging and signals.
 //! - [`local_cluster`]: the `local-cluster` subcommand.

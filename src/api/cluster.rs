@@ -97,6 +97,16 @@ pub struct Status {
     snapshot_index: u64,
     purged_index: u64,
     members: Vec<Member>,
+    /// Only on the leader: the highest log index each member is known to hold, from the
+    /// leader's own replication progress. Followers cannot know it, so they leave it out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replication: Option<Vec<Replicated>>,
+}
+
+#[derive(Serialize)]
+struct Replicated {
+    node_id: NodeId,
+    matched_index: u64,
 }
 
 #[derive(Serialize)]
@@ -144,6 +154,14 @@ pub fn status(state: &AppState) -> Status {
             .unwrap_or_default(),
     });
     let last_applied = m.last_applied.map_or(0, |l| l.index);
+    let replication = m.replication.as_ref().map(|r| {
+        r.iter()
+            .map(|(id, matched)| Replicated {
+                node_id: *id,
+                matched_index: matched.map_or(0, |l| l.index),
+            })
+            .collect()
+    });
     Status {
         node_id: state.node_id,
         role: role_name(m.state),
@@ -156,6 +174,7 @@ pub fn status(state: &AppState) -> Status {
         snapshot_index: m.snapshot.map_or(0, |l| l.index),
         purged_index: m.purged.map_or(0, |l| l.index),
         members,
+        replication,
     }
 }
 

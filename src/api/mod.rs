@@ -1,4 +1,5 @@
-//! The client HTTP API: messages, the event stream, history, membership and health.
+//! The client HTTP API: messages, the event stream, history, membership and health, the
+//! cluster overview and the web page.
 //!
 //! Every handler answers with a complete response; warp's own rejections (unknown path, wrong
 //! method, body too large) are turned into the same JSON error shape by [`recover`].
@@ -6,7 +7,9 @@
 mod cluster;
 mod error;
 mod messages;
+mod overview;
 mod stream;
+mod web;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -83,7 +86,9 @@ pub fn routes(
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
     let api = messages::routes(state.clone())
         .or(stream::routes(state.clone()))
-        .or(cluster::routes(state));
+        .or(cluster::routes(state.clone()))
+        .or(overview::routes(state))
+        .or(web::routes());
     api.recover(recover)
 }
 
