@@ -91,6 +91,9 @@ struct Validated {
     payload: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     vector_clock: Option<VectorClock>,
+    /// Whether the client chose the msg_id; a fresh server-made one cannot be stored yet.
+    #[serde(skip)]
+    client_msg_id: bool,
 }
 
 /// Checks a conversation name: 1 to 64 of `[A-Za-z0-9._-]`.
@@ -170,10 +173,12 @@ fn validate(headers: &HeaderMap, body: &[u8], limits: &Limits) -> Result<Validat
         ));
     }
 
-    let msg_id = match parsed.msg_id {
-        None | Some(Value::Null) => Uuid::new_v4(),
+    let (msg_id, client_msg_id) = match parsed.msg_id {
+        None | Some(Value::Null) => (Uuid::new_v4(), false),
         Some(Value::String(s)) => {
-            Uuid::parse_str(&s).map_err(|_| ApiError::invalid_field("msg_id", "must be a UUID"))?
+            let id = Uuid::parse_str(&s)
+                .map_err(|_| ApiError::invalid_field("msg_id", "must be a UUID"))?;
+            (id, true)
         }
         Some(_) => return Err(ApiError::invalid_field("msg_id", "must be a UUID string")),
     };
@@ -217,6 +222,7 @@ fn validate(headers: &HeaderMap, body: &[u8], limits: &Limits) -> Result<Validat
         sender,
         payload,
         vector_clock,
+        client_msg_id,
     })
 }
 
