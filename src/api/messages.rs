@@ -264,14 +264,17 @@ async fn write(
 ) -> Result<(bool, Record), ApiError> {
     let deadline = Instant::now() + state.write_timeout;
 
-    // A retry of something already applied here needs no round through the log.
-    if let Some(existing) = state
-        .reader
-        .by_msg_id(msg.msg_id)
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-    {
-        return settle_existing(&msg, existing);
+    // A retry of something already applied here needs no round through the log. (The log
+    // de-duplicates too; this only saves the trip. A server-made id cannot be stored yet.)
+    if msg.client_msg_id {
+        let existing = state
+            .reader
+            .by_msg_id(msg.msg_id)
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        if let Some(existing) = existing {
+            return settle_existing(&msg, existing);
+        }
     }
 
     let mut metrics = state.raft.metrics();
