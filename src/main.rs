@@ -63,7 +63,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.spawn(sys::reload_on_sighup(path, config.clone(), log));
+    let reload = {
+        let _context = runtime.enter();
+        sys::reload_on_sighup(path, config.clone(), log)
+    };
+    runtime.spawn(reload);
     match runtime.block_on(server::run(config, sys::stop_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -143,14 +143,31 @@ pub const LIVE_KEYS: &[&str] = &["log.level"];
 /// Re-reads the config at `path` on every SIGHUP for the life of the process: applies
 /// `log.level`, and warns about every other changed key, naming it, since those need a
 /// restart. A config that does not load is reported and changes nothing.
-pub async fn reload_on_sighup(path: PathBuf, running: Config, log: LogHandle) {
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot install the SIGHUP handler; reload is off");
-            return;
+///
+/// The handler is installed when this is called (inside the runtime), not when the future is
+/// first polled, so a SIGHUP can never meet the default action, which ends the process.
+pub fn reload_on_sighup(
+    path: PathBuf,
+    running: Config,
+    log: LogHandle,
+) -> impl std::future::Future<Output = ()> {
+    let hup = signal(SignalKind::hangup());
+    async move {
+        match hup {
+            Ok(hup) => reload_loop(hup, path, running, log).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot install the SIGHUP handler; reload is off")
+            }
         }
-    };
+    }
+}
+
+async fn reload_loop(
+    mut hup: tokio::signal::unix::Signal,
+    path: PathBuf,
+    running: Config,
+    log: LogHandle,
+) {
     let mut level = running.log.level.clone();
     while hup.recv().await.is_some() {
         notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
