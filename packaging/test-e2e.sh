@@ -16,7 +16,8 @@
 # docker-compose.yml brings up its three nodes (on free loopback ports) and shows the same
 # six messages in the same order on each.
 #
-# Needs root, docker (with compose), debootstrap, cargo-deb, lintian, mandoc, curl and jq.
+# Needs root, docker (with compose), debootstrap, cargo-deb, lintian, mandoc, man-db, ss
+# (iproute2), curl and jq.
 # CHATRAFTD_E2E_BASE_IMAGE=TAG reuses an existing base image (packaging/make-base-image.sh)
 # instead of making one; that image is then left alone.
 # Every container, network, image tag and file it makes is removed at exit, even on failure.
@@ -97,8 +98,12 @@ api() { curl -sf --max-time 10 "http://${ip[$1]}:8081$2"; }
 status() { api "$1" /api/v1/status; }
 
 # --- static checks -----------------------------------------------------------------------
-log "man pages: mandoc -T lint -W warning"
+log "man pages: mandoc -T lint -W warning, man --warnings"
 mandoc -T lint -W warning man/chatraftd.8 man/chatraftd.toml.5
+for page in man/chatraftd.8 man/chatraftd.toml.5; do
+    warnings=$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -l "$page" 2>&1 >/dev/null)
+    [ -z "$warnings" ] || fail "man --warnings $page: $warnings"
+done
 
 log "building the package (cargo deb --locked)"
 cargo deb --locked -o "$work/" >"$work/cargo-deb.log" 2>&1 || {
