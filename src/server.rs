@@ -313,7 +313,7 @@ async fn join_loop(
 }
 
 /// Keeps the service manager's status line (`systemctl status`) at role, term, leader and
-/// commit index, and logs role and term changes with those as fields. Updates at most once a
+/// commit index, and logs each change of role, term or leader with those as fields. Updates at most once a
 /// second, however fast the metrics move.
 async fn report_status(
     raft: Raft,
@@ -325,7 +325,8 @@ async fn report_status(
     let mut last_role: Option<(openraft::ServerState, u64, Option<NodeId>)> = None;
     loop {
         let (text, role) = {
-            let m = metrics.borrow_and_update();
+            // A copy, so the watch's lock is not held while we log.
+            let m = metrics.borrow_and_update().clone();
             let applied = m.last_applied.map_or(0, |l| l.index);
             let commit = commit_index
                 .load(std::sync::atomic::Ordering::Acquire)
@@ -338,7 +339,7 @@ async fn report_status(
                     term = m.current_term,
                     leader = %leader,
                     commit_index = commit,
-                    "role or term changed"
+                    "role, term or leader changed"
                 );
             }
             (
