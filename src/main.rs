@@ -52,7 +52,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    sys::init_logging(&config.log.level);
+    let log = sys::init_logging(&config.log.level, config.node_id);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -63,6 +63,11 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let reload = {
+        let _context = runtime.enter();
+        sys::reload_on_sighup(path, config.clone(), log)
+    };
+    runtime.spawn(reload);
     match runtime.block_on(server::run(config, sys::stop_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

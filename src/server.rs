@@ -19,7 +19,8 @@ use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::network::{self, HttpClient, Network};
 use crate::store;
-use crate::types::{Node, Raft};
+use crate::sys;
+use crate::types::{Node, NodeId, Raft};
 
 /// Why a node could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +188,13 @@ pub async fn run(
         fresh,
         "chatraftd is listening"
     );
+    // The store is open and both listeners are bound: systemd may now order dependents after us.
+    sys::notify("READY=1");
+    let status = tokio::spawn(report_status(
+        raft.clone(),
+        state.commit_index.clone(),
+        shutdown_rx.clone(),
+    ));
 
     if fresh && config.bootstrap {
         let members = BTreeMap::from([(config.node_id, me.clone())]);
@@ -219,6 +227,8 @@ pub async fn run(
     };
     drop(metrics);
     tracing::info!("stopping");
+    sys::notify("STOPPING=1\nSTATUS=stopping");
+    status.abort();
     let _ = shutdown_tx.send(true);
     if let Some(j) = joiner {
         j.abort();
@@ -299,5 +309,58 @@ async fn join_loop(
             _ = shutdown.wait_for(|s| *s) => return,
         }
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Keeps the service manager's status line (`systemctl status`) at role, term, leader and
+/// commit index, and logs each change of role, term or leader with those as fields. Updates at most once a
+/// second, however fast the metrics move.
+async fn report_status(
+    raft: Raft,
+    commit_index: Arc<std::sync::atomic::AtomicU64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut metrics = raft.metrics();
+    let mut last_text = String::new();
+    let mut last_role: Option<(openraft::ServerState, u64, Option<NodeId>)> = None;
+    loop {
+        let (text, role) = {
+            // A copy, so the watch's lock is not held while we log.
+            let m = metrics.borrow_and_update().clone();
+            let applied = m.last_applied.map_or(0, |l| l.index);
+            let commit = commit_index
+                .load(std::sync::atomic::Ordering::Acquire)
+                .max(applied);
+            let role = format!("{:?}", m.state).to_lowercase();
+            let leader = m.current_leader.map_or("none".into(), |l| l.to_string());
+            if last_role != Some((m.state, m.current_term, m.current_leader)) {
+                tracing::info!(
+                    role = %role,
+                    term = m.current_term,
+                    leader = %leader,
+                    commit_index = commit,
+                    "role, term or leader changed"
+                );
+            }
+            (
+                format!(
+                    "{role}, term {}, leader {leader}, commit index {commit}",
+                    m.current_term
+                ),
+                (m.state, m.current_term, m.current_leader),
+            )
+        };
+        last_role = Some(role);
+        if text != last_text {
+            sys::notify(&format!("STATUS={text}"));
+            last_text = text;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
     }
 }
