@@ -115,7 +115,7 @@ impl Default for Config {
                 election_timeout_max_ms: 2_000,
                 snapshot_threshold: 50_000,
                 keep_logs_after_snapshot: 1_000,
-                max_payload_entries: 512,
+                max_payload_entries: 64,
             },
             limits: Limits {
                 max_body_bytes: 256 * 1024,

@@ -131,12 +131,16 @@ impl NewMessage {
 pub enum Request {
     /// Append one chat message to its conversation.
     Post(NewMessage),
+    /// Append several chat messages, in this order. The leader groups the writes that arrive
+    /// while an earlier entry is being committed, so one fsync on each node covers them all.
+    Batch(Vec<NewMessage>),
 }
 
 /// A committed chat message, identical on every replica.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
-    /// Raft log index of the entry: the global commit order.
+    /// Position in the global commit order: 1, 2, 3, ... over all conversations, in the order
+    /// of the Raft log (messages of one log entry in their order inside it).
     pub index: u64,
     /// Position inside the conversation: 1, 2, 3, ... without gaps.
     pub seq: u64,
@@ -163,6 +167,8 @@ pub enum Response {
     Duplicate(Record),
     /// The `msg_id` was already stored with different content: the stored record.
     Conflict(Record),
+    /// One outcome per message of a [`Request::Batch`], in its order.
+    Batch(Vec<Response>),
 }
 
 /// Formats milliseconds since the epoch as RFC 3339 UTC with millisecond precision.

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -14,10 +13,11 @@ use uuid::Uuid;
 use warp::http::{HeaderMap, StatusCode};
 use warp::{Filter, Reply};
 
+use super::batcher::Proposed;
 use super::error::reply_json;
 use super::{limited_body, with_state, ApiError, AppState, FORWARDED_HEADER};
 use crate::config::Limits;
-use crate::types::{NewMessage, NodeId, Record, Request, Response, VectorClock};
+use crate::types::{NewMessage, NodeId, Record, Response, VectorClock};
 
 pub const DEFAULT_CONV: &str = "general";
 
@@ -237,16 +237,33 @@ async fn post_message(
         Err(e) => Err(e),
     };
     match result {
-        Ok((created, record)) => {
-            let status = if created {
+        Ok(w) => {
+            let status = if w.created {
                 StatusCode::CREATED
             } else {
                 StatusCode::OK
             };
-            warp::reply::with_status(warp::reply::json(&record), status).into_response()
+            let mut resp =
+                warp::reply::with_status(warp::reply::json(&w.record), status).into_response();
+            resp.headers_mut()
+                .insert(LOG_INDEX_HEADER, warp::http::HeaderValue::from(w.log_index));
+            resp
         }
         Err(e) => reply_json::<()>(Err(e)),
     }
+}
+
+/// A write's answer carries the Raft log index that made its record visible, so that a
+/// follower that forwarded it can wait until it has applied that far itself.
+const LOG_INDEX_HEADER: &str = "x-chatraftd-log-index";
+
+/// A stored (or found) record.
+struct Written {
+    /// Whether this request stored it (201) or found it stored before (200).
+    created: bool,
+    record: Record,
+    /// A Raft log index at or after the entry holding the record.
+    log_index: u64,
 }
 
 /// Where a write goes next.
@@ -255,13 +272,8 @@ enum Route {
     Forward(NodeId, String),
 }
 
-/// Stores `msg` through the leader and returns `(newly stored, record)` once the record is
-/// applied on this node.
-async fn write(
-    state: &AppState,
-    msg: Validated,
-    forwarded: bool,
-) -> Result<(bool, Record), ApiError> {
+/// Stores `msg` through the leader and returns the record once it is applied on this node.
+async fn write(state: &AppState, msg: Validated, forwarded: bool) -> Result<Written, ApiError> {
     let deadline = Instant::now() + state.write_timeout;
 
     // A retry of something already applied here needs no round through the log. (The log
@@ -273,7 +285,13 @@ async fn write(
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
         if let Some(existing) = existing {
-            return settle_existing(&msg, existing);
+            // Applied here: whatever this node has applied covers it.
+            let log_index = *state.reader.applied().borrow();
+            return settle_existing(&msg, existing).map(|(created, record)| Written {
+                created,
+                record,
+                log_index,
+            });
         }
     }
 
@@ -308,9 +326,9 @@ async fn write(
             None => Attempt::Retry,
         };
         match outcome {
-            Attempt::Done(created, record) => {
-                wait_applied(state, record.index, deadline).await?;
-                return Ok((created, record));
+            Attempt::Done(w) => {
+                wait_applied(state, w.log_index, deadline).await?;
+                return Ok(w);
             }
             Attempt::Fail(e) => return Err(e),
             Attempt::Retry => {}
@@ -333,7 +351,7 @@ async fn write(
 }
 
 enum Attempt {
-    Done(bool, Record),
+    Done(Written),
     Fail(ApiError),
     Retry,
 }
@@ -366,27 +384,36 @@ fn conflict(existing: &Record) -> ApiError {
 }
 
 async fn propose(state: &AppState, msg: &Validated, deadline: Instant) -> Attempt {
-    let req = Request::Post(NewMessage {
+    let msg = NewMessage {
         msg_id: msg.msg_id,
         conv_id: msg.conv_id.clone(),
         sender: msg.sender.clone(),
         payload: msg.payload.clone(),
         vector_clock: msg.vector_clock.clone(),
-        committed_at_ms: chrono::Utc::now().timestamp_millis(),
-    });
-    match tokio::time::timeout_at(deadline, state.raft.client_write(req)).await {
+        // Set by the batcher when the entry is proposed.
+        committed_at_ms: 0,
+    };
+    match tokio::time::timeout_at(deadline, state.batcher.propose(msg)).await {
         Err(_) => Attempt::Fail(ApiError::unavailable(format!(
             "the write was not committed within {} ms (api.write_timeout_ms); retry with the same msg_id",
             state.write_timeout.as_millis()
         ))),
-        Ok(Ok(resp)) => match resp.data {
-            Response::Stored(r) => Attempt::Done(true, r),
-            Response::Duplicate(r) => Attempt::Done(false, r),
-            Response::Conflict(r) => Attempt::Fail(conflict(&r)),
-            Response::None => Attempt::Fail(ApiError::internal("the log entry produced no record")),
-        },
-        Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Attempt::Retry,
-        Ok(Err(e)) => Attempt::Fail(ApiError::unavailable(format!("the write failed: {e}"))),
+        Ok(Proposed::Applied(Response::Stored(record), log_index)) => Attempt::Done(Written {
+            created: true,
+            record,
+            log_index,
+        }),
+        Ok(Proposed::Applied(Response::Duplicate(record), log_index)) => Attempt::Done(Written {
+            created: false,
+            record,
+            log_index,
+        }),
+        Ok(Proposed::Applied(Response::Conflict(r), _)) => Attempt::Fail(conflict(&r)),
+        Ok(Proposed::Applied(other, _)) => Attempt::Fail(ApiError::internal(format!(
+            "the log entry produced no record: {other:?}"
+        ))),
+        Ok(Proposed::NotLeader) => Attempt::Retry,
+        Ok(Proposed::Failed(e)) => Attempt::Fail(ApiError::unavailable(format!("the write failed: {e}"))),
     }
 }
 
@@ -426,10 +453,22 @@ async fn forward(
     };
     match resp.status {
         StatusCode::CREATED | StatusCode::OK => {
-            match serde_json::from_slice::<Record>(&resp.body) {
-                Ok(r) => Attempt::Done(resp.status == StatusCode::CREATED, r),
-                Err(e) => Attempt::Fail(ApiError::internal(format!(
+            let log_index = resp
+                .headers
+                .get(LOG_INDEX_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            match (serde_json::from_slice::<Record>(&resp.body), log_index) {
+                (Ok(record), Some(log_index)) => Attempt::Done(Written {
+                    created: resp.status == StatusCode::CREATED,
+                    record,
+                    log_index,
+                }),
+                (Err(e), _) => Attempt::Fail(ApiError::internal(format!(
                     "the leader's answer was not a record: {e}"
+                ))),
+                (_, None) => Attempt::Fail(ApiError::internal(format!(
+                    "the leader's answer has no {LOG_INDEX_HEADER} header"
                 ))),
             }
         }
@@ -456,14 +495,15 @@ async fn forward(
     }
 }
 
-/// Waits until this node has applied `index`, so a read here right after sees the write.
+/// Waits until this node has applied the Raft log up to `index`, so a read here right after
+/// sees the write.
 async fn wait_applied(state: &AppState, index: u64, deadline: Instant) -> Result<(), ApiError> {
     let mut applied = state.reader.applied();
     let reached = tokio::time::timeout_at(deadline, applied.wait_for(|a| *a >= index)).await;
     match reached {
         Ok(Ok(_)) => Ok(()),
         _ => Err(ApiError::unavailable(format!(
-            "index {index} is committed but not yet applied on this node; retry with the same msg_id"
+            "log index {index} is committed but not yet applied on this node; retry with the same msg_id"
         ))),
     }
 }

@@ -4,6 +4,7 @@
 //! Every handler answers with a complete response; warp's own rejections (unknown path, wrong
 //! method, body too large) are turned into the same JSON error shape by [`recover`].
 
+mod batcher;
 mod cluster;
 mod error;
 mod messages;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub commit_index: Arc<AtomicU64>,
     /// Serialises membership changes on the leader: one join at a time.
     pub membership_lock: tokio::sync::Mutex<()>,
+    /// Groups concurrent writes into one log entry when this node leads.
+    pub batcher: batcher::Batcher,
 }
 
 impl AppState {
@@ -63,6 +66,7 @@ impl AppState {
     ) -> Self {
         AppState {
             node_id: config.node_id,
+            batcher: batcher::Batcher::start(raft.clone()),
             raft,
             reader,
             client,
@@ -186,5 +190,15 @@ async fn recover(rejection: warp::Rejection) -> Result<warp::reply::Response, In
             "the request could not be handled",
         )
     };
-    Ok(err.into_response())
+    let too_large = err.status == StatusCode::PAYLOAD_TOO_LARGE;
+    let mut resp = err.into_response();
+    if too_large {
+        // The body was refused unread: the connection cannot carry another request, and a
+        // client must not reuse it.
+        resp.headers_mut().insert(
+            warp::http::header::CONNECTION,
+            warp::http::HeaderValue::from_static("close"),
+        );
+    }
+    Ok(resp)
 }

@@ -147,10 +147,23 @@ fn put_sm_meta<T: serde::Serialize>(
 }
 
 /// Applies one chat message inside the batch transaction.
+/// The last global message index stored (0 when there is none).
+fn last_message_index(tx: &Transaction<'_>, path: &Path) -> Result<u64, StoreError> {
+    let last: Option<i64> = tx
+        .prepare_cached("SELECT MAX(idx) FROM messages")
+        .at(path)?
+        .query_row([], |r| r.get(0))
+        .at(path)?;
+    from_sql(last.unwrap_or(0), "message index", path)
+}
+
+/// Stores one message. `last_index` is the global index of the last stored message; it moves
+/// on by one when this one is stored.
 fn apply_post(
     tx: &Transaction<'_>,
     path: &Path,
     log_id: &LogId,
+    last_index: &mut u64,
     msg: NewMessage,
 ) -> Result<Response, StoreError> {
     // De-duplication: a msg_id is stored at most once, whatever the retries.
@@ -169,7 +182,8 @@ fn apply_post(
         .at(path)?;
     let seq = from_sql(last_seq.unwrap_or(0), "last_seq", path)? + 1;
     let seq_sql = to_sql(seq, "seq", path)?;
-    let idx = to_sql(log_id.index, "log index", path)?;
+    let index = *last_index + 1;
+    let idx = to_sql(index, "message index", path)?;
     let term = to_sql(log_id.leader_id.term, "term", path)?;
     let clock_json = match &msg.vector_clock {
         Some(vc) => Some(
@@ -206,8 +220,9 @@ fn apply_post(
     .at(path)?
     .execute((&msg.conv_id, seq_sql, idx))
     .at(path)?;
+    *last_index = index;
     Ok(Response::Stored(Record {
-        index: log_id.index,
+        index,
         seq,
         term: log_id.leader_id.term,
         conv_id: msg.conv_id,
@@ -227,6 +242,7 @@ impl SmShared {
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(path)?;
         let (mut last_applied, _) = read_applied_state(&tx, path)?;
+        let mut last_index = last_message_index(&tx, path)?;
         let mut responses = Vec::with_capacity(entries.len());
         for entry in entries {
             // Applying an entry twice would be an openraft bug; refuse instead of guessing.
@@ -246,7 +262,14 @@ impl SmShared {
                     Response::None
                 }
                 EntryPayload::Normal(Request::Post(msg)) => {
-                    apply_post(&tx, path, &entry.log_id, msg)?
+                    apply_post(&tx, path, &entry.log_id, &mut last_index, msg)?
+                }
+                EntryPayload::Normal(Request::Batch(msgs)) => {
+                    let mut out = Vec::with_capacity(msgs.len());
+                    for msg in msgs {
+                        out.push(apply_post(&tx, path, &entry.log_id, &mut last_index, msg)?);
+                    }
+                    Response::Batch(out)
                 }
             };
             responses.push(response);

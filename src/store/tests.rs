@@ -139,7 +139,8 @@ async fn duplicate_msg_id_returns_original_and_conflict_stores_nothing() -> Test
     let out = s.sm.apply([blank(1, 1), post(1, 2, &m)]).await?;
     assert_eq!(out[0], Response::None);
     let original = stored(&out[1])?.clone();
-    assert_eq!((original.index, original.seq, original.term), (2, 1, 1));
+    // `index` counts messages, not log entries: the blank entry takes none.
+    assert_eq!((original.index, original.seq, original.term), (1, 1, 1));
 
     // A retry: same content, another leader clock and clock key order, a later entry.
     let mut retry = m.clone();
@@ -161,7 +162,7 @@ async fn duplicate_msg_id_returns_original_and_conflict_stores_nothing() -> Test
     assert_eq!(out[0], Response::Duplicate(original.clone()));
     assert_eq!(out[1], Response::Conflict(original.clone()));
     let second = stored(&out[2])?.clone();
-    assert_eq!((second.index, second.seq), (5, 2));
+    assert_eq!((second.index, second.seq), (2, 2));
     assert_eq!(out[3], Response::Duplicate(second.clone()));
 
     assert_eq!(s.reader.count().await?, 2);
@@ -378,9 +379,9 @@ async fn reopening_keeps_everything() -> TestResult {
             .ok_or("snapshot missing")?;
     assert_eq!(current.meta, snap.meta);
 
-    // Applying continues where it stopped.
+    // Applying continues where it stopped: entries 2..=10 held messages 1..=9.
     let out = s.sm.apply([post(3, 11, &msg("even", "m11"))]).await?;
-    assert_eq!((stored(&out[0])?.index, stored(&out[0])?.seq), (11, 6));
+    assert_eq!((stored(&out[0])?.index, stored(&out[0])?.seq), (10, 6));
     Ok(())
 }
 
@@ -720,5 +721,43 @@ async fn back_to_back_appends_are_group_committed_in_order() -> TestResult {
     let st = s.log.get_log_state().await?;
     assert_eq!(st.last_log_id, Some(lid(1, 200)));
     assert_eq!(s.log.try_get_log_entries(..).await?.len(), 200);
+    Ok(())
+}
+
+/// A batch entry stores its messages in order under consecutive indexes, one outcome each,
+/// and de-duplicates inside the batch and against earlier entries.
+#[tokio::test]
+async fn a_batch_entry_stores_its_messages_in_order() -> TestResult {
+    let (_dir, mut s) = fresh().await?;
+    let first = msg("general", "before");
+    s.sm.apply([post(1, 1, &first)]).await?;
+    let a = msg("general", "a");
+    let b = msg("other", "b");
+    let mut conflicting = first.clone();
+    conflicting.payload = "changed".into();
+    let batch = Entry {
+        log_id: lid(1, 2),
+        payload: EntryPayload::Normal(Request::Batch(vec![
+            a.clone(),
+            first.clone(),
+            b.clone(),
+            a.clone(),
+            conflicting,
+        ])),
+    };
+    let out = s.sm.apply([batch]).await?;
+    let Response::Batch(each) = &out[0] else {
+        return Err(format!("expected a batch response, got {:?}", out[0]).into());
+    };
+    assert_eq!(each.len(), 5);
+    let ra = stored(&each[0])?.clone();
+    assert_eq!((ra.index, ra.seq, ra.term), (2, 2, 1));
+    assert!(matches!(&each[1], Response::Duplicate(r) if r.index == 1));
+    let rb = stored(&each[2])?.clone();
+    assert_eq!((rb.index, rb.seq, rb.conv_id.as_str()), (3, 1, "other"));
+    assert_eq!(each[3], Response::Duplicate(ra.clone()));
+    assert!(matches!(&each[4], Response::Conflict(r) if r.index == 1));
+    assert_eq!(s.reader.count().await?, 3);
+    assert_eq!(s.sm.applied_state().await?.0, Some(lid(1, 2)));
     Ok(())
 }
