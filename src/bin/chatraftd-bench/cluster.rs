@@ -4,15 +4,18 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use hyper::Method;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::http::Http;
-use crate::load::{payload, Writer};
+use crate::fanout::Shared;
+use crate::http::{next_chunk, Http};
+use crate::load::{find_stamp, payload, Lines, Writer};
 use crate::procs::{free_port, Proc};
 
 /// How long starting or joining one node may take.
@@ -21,7 +24,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct Node {
     pub id: u64,
     pub api: String,
-    pub raft: String,
     pub dir: PathBuf,
     pub config: PathBuf,
     pub proc: Option<Proc>,
@@ -41,6 +43,8 @@ pub struct Status {
     pub leader: Option<Leader>,
     pub commit_index: u64,
     pub last_applied: u64,
+    #[serde(default)]
+    pub snapshot_index: u64,
     pub members: Vec<Member>,
 }
 
@@ -93,7 +97,6 @@ impl Cluster {
         let mut node = Node {
             id,
             api,
-            raft,
             dir,
             config,
             proc: None,
@@ -122,7 +125,6 @@ impl Cluster {
             Node {
                 id: 0,
                 api: String::new(),
-                raft: String::new(),
                 dir: PathBuf::new(),
                 config: PathBuf::new(),
                 proc: None,
@@ -360,4 +362,124 @@ pub async fn verify(cluster: &Cluster, conv: &str, writers: &[CrWriter]) -> Valu
         "conv_id": conv, "acked": acked, "unknown_outcome": unknown,
         "same_order_on_every_node": same_order, "ok": ok && same_order, "nodes": nodes,
     })
+}
+
+/// One SSE subscriber to new messages of `conv`, counting deliveries into `shared`.
+pub async fn subscriber(http: Http, addr: String, conv: String, idx: usize, shared: Arc<Shared>) {
+    let permit = shared.connect_permit().await;
+    let path = format!("/api/v1/stream?conv_id={conv}");
+    let mut stream = match http
+        .open_stream(Method::GET, &addr, &path, Bytes::new())
+        .await
+    {
+        Ok(s) => s,
+        Err(e) => return shared.failed(e),
+    };
+    drop(permit);
+    shared.ready();
+    let mut lines = Lines::default();
+    let mut stop = shared.stop.clone();
+    let mut stamps = Vec::new();
+    loop {
+        let chunk = tokio::select! {
+            c = next_chunk(&mut stream) => c,
+            _ = stop.changed() => break,
+        };
+        match chunk {
+            Some(Ok(c)) => {
+                stamps.clear();
+                lines.feed(&c, |l| {
+                    if l.starts_with(b"data:") {
+                        stamps.extend(find_stamp(l));
+                    }
+                });
+                shared.delivered(idx, &stamps);
+            }
+            Some(Err(e)) => return shared.failed(e),
+            None => break,
+        }
+    }
+}
+
+/// Replays `conv` over SSE from seq 1 until `count` events arrived; returns events/s.
+pub async fn catch_up_stream(
+    http: &Http,
+    addr: &str,
+    conv: &str,
+    count: u64,
+    timeout: Duration,
+) -> Result<Value, String> {
+    let start = Instant::now();
+    let path = format!("/api/v1/stream?conv_id={conv}&from=1");
+    let mut stream = http
+        .open_stream(Method::GET, addr, &path, Bytes::new())
+        .await?;
+    let first_byte = start.elapsed();
+    let mut lines = Lines::default();
+    let mut seen = 0u64;
+    let mut bytes = 0u64;
+    while seen < count {
+        let left = timeout.saturating_sub(start.elapsed());
+        let chunk = match tokio::time::timeout(left, next_chunk(&mut stream)).await {
+            Err(_) => break,
+            Ok(None) => return Err("the stream ended early".into()),
+            Ok(Some(Err(e))) => return Err(e),
+            Ok(Some(Ok(c))) => c,
+        };
+        bytes += chunk.len() as u64;
+        lines.feed(&chunk, |l| {
+            if l.starts_with(b"data:") {
+                seen += 1;
+            }
+        });
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(json!({
+        "sse_messages": seen,
+        "sse_secs": (secs * 1000.0).round() / 1000.0,
+        "sse_msgs_per_s": (seen as f64 / secs).round(),
+        "sse_mib_per_s": ((bytes as f64 / secs / 1048576.0) * 10.0).round() / 10.0,
+        "sse_first_byte_ms": first_byte.as_millis() as u64,
+        "sse_complete": seen >= count,
+    }))
+}
+
+/// Pages through `conv` with `GET /api/v1/messages` (1,000 a page); returns messages/s.
+pub async fn catch_up_pages(
+    http: &Http,
+    addr: &str,
+    conv: &str,
+    timeout: Duration,
+) -> Result<Value, String> {
+    #[derive(Deserialize)]
+    struct CountPage {
+        messages: Vec<serde::de::IgnoredAny>,
+        next_from: u64,
+        last_seq: u64,
+    }
+    let start = Instant::now();
+    let mut from = 1;
+    let mut seen = 0u64;
+    let mut pages = 0u64;
+    while start.elapsed() < timeout {
+        let path = format!("/api/v1/messages?conv_id={conv}&from={from}&limit=1000");
+        let (code, body) = http.get(addr, &path).await?;
+        if !code.is_success() {
+            return Err(format!("{code}: {}", String::from_utf8_lossy(&body)));
+        }
+        let p: CountPage = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        pages += 1;
+        seen += p.messages.len() as u64;
+        if p.messages.is_empty() || p.next_from > p.last_seq {
+            break;
+        }
+        from = p.next_from;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(json!({
+        "pages_messages": seen,
+        "pages": pages,
+        "pages_secs": (secs * 1000.0).round() / 1000.0,
+        "pages_msgs_per_s": (seen as f64 / secs).round(),
+    }))
 }
