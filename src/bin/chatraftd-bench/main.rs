@@ -147,10 +147,10 @@ impl Sizes {
         } else if a.quick {
             Sizes {
                 concurrency: vec![1, 16, 64, 256],
-                write_secs: 1.5,
+                write_secs: 1.0,
                 subscribers: vec![100, 1_000],
                 fanout_rate: 500,
-                fanout_secs: 3.0,
+                fanout_secs: 2.0,
                 messages: 20_000,
             }
         } else {
@@ -407,7 +407,7 @@ async fn run_chatraftd(
 /// The conversation the catch-up and recovery scenarios fill.
 const LOAD_CONV: &str = "catchup";
 /// Writers in the pool that sends the fan-out messages.
-const FANOUT_WRITERS: usize = 32;
+const FANOUT_WRITERS: usize = 64;
 /// Writers that fill the cluster for catch-up and recovery.
 const LOAD_WRITERS: usize = 256;
 
