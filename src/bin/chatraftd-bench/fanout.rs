@@ -99,7 +99,8 @@ pub struct Plan {
     pub drain_timeout: Duration,
 }
 
-/// Runs one measurement. `spawn_sub(i, shared)` starts subscriber `i`; `writers` send the
+/// Runs one measurement: `rate * secs` messages, or fewer when the servers cannot take them
+/// within `2 * secs + 5` seconds. `spawn_sub(i, shared)` starts subscriber `i`; `writers` send the
 /// messages (a pool, so one slow acknowledgement does not hold the rate back); `pids` are the
 /// server processes whose CPU and memory are read.
 pub async fn run<W: Writer>(
@@ -125,11 +126,14 @@ pub async fn run<W: Writer>(
     let connected = shared.ready.load(Ordering::Relaxed);
     let rss_after: u64 = pids.iter().map(|&p| rss_kib(p)).sum();
     let cpu_before: f64 = pids.iter().map(|&p| cpu_secs(p)).sum();
+    let bench_cpu_before = cpu_secs(std::process::id());
     let total = (plan.rate as f64 * plan.secs).round() as u64;
     let next = Arc::new(AtomicU64::new(0));
     let acked = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    // When the servers cannot keep the rate, stop writing rather than wait for ever.
+    let send_deadline = start + Duration::from_secs_f64(plan.secs * 2.0 + 5.0);
     let rate = plan.rate.max(1) as f64;
     let pool: Vec<JoinHandle<()>> = writers
         .into_iter()
@@ -139,7 +143,7 @@ pub async fn run<W: Writer>(
                 let mut k = 0;
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    if i >= total {
+                    if i >= total || Instant::now() >= send_deadline {
                         break;
                     }
                     tokio::time::sleep_until(start + Duration::from_secs_f64(i as f64 / rate))
@@ -158,6 +162,7 @@ pub async fn run<W: Writer>(
     }
     let send_secs = start.elapsed().as_secs_f64();
     let cpu_after: f64 = pids.iter().map(|&p| cpu_secs(p)).sum();
+    let bench_cpu = cpu_secs(std::process::id()) - bench_cpu_before;
     let sent = acked.load(Ordering::Relaxed);
     let expected = sent * connected as u64;
     let drain_start = Instant::now();
@@ -204,6 +209,7 @@ pub async fn run<W: Writer>(
         "deliveries": deliveries,
         "deliveries_per_s": (deliveries as f64 / delivery_secs.max(1e-3)).round(),
         "server_cpu_pct": ((cpu_after - cpu_before) / send_secs * 100.0).round(),
+        "bench_cpu_pct": (bench_cpu / send_secs * 100.0).round(),
         "server_rss_kib_idle_subscribers": rss_after,
         "rss_kib_per_subscriber": if connected > 0 {
             round3(rss_after.saturating_sub(rss_before) as f64 / connected as f64)

@@ -211,16 +211,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async {
-        tokio::select! {
-            code = run(args) => code,
-            _ = ::chatraftd::sys::stop_signal() => {
-                // Dropping `run` drops every server guard, which kills the servers.
-                eprintln!("chatraftd-bench: interrupted; stopping every server");
-                ExitCode::from(130)
-            }
-        }
-    })
+    runtime.block_on(run(args))
 }
 
 async fn run(args: Args) -> ExitCode {
@@ -260,15 +251,33 @@ async fn run(args: Args) -> ExitCode {
         work.path.display()
     );
     let mut res = Results::default();
+    let signal = ::chatraftd::sys::stop_signal();
+    tokio::pin!(signal);
+    let mut interrupted = false;
     for sys in &args.systems {
-        let r = match sys {
-            System::Chatraftd => run_chatraftd(&args, &sizes, &bin, &work, &mut res).await,
-            System::Etcd => run_etcd(&args, &sizes, &work, &mut res).await,
-            System::Nats => run_nats(&args, &sizes, &work, &mut res).await,
+        let one = async {
+            match sys {
+                System::Chatraftd => run_chatraftd(&args, &sizes, &bin, &work, &mut res).await,
+                System::Etcd => run_etcd(&args, &sizes, &work, &mut res).await,
+                System::Nats => run_nats(&args, &sizes, &work, &mut res).await,
+            }
+        };
+        let r = tokio::select! {
+            r = one => r,
+            _ = &mut signal => {
+                // Dropping the scenario drops its server guards, which kill the servers;
+                // what was measured so far still goes into the report.
+                eprintln!("chatraftd-bench: interrupted; stopping every server");
+                interrupted = true;
+                Err("interrupted".to_string())
+            }
         };
         if let Err(e) = r {
             eprintln!("chatraftd-bench: {sys:?}: {e}");
             res.errors.push(format!("{sys:?}: {e}"));
+        }
+        if interrupted {
+            break;
         }
     }
     let meta = json!({
@@ -291,7 +300,9 @@ async fn run(args: Args) -> ExitCode {
             return ExitCode::from(1);
         }
     }
-    if res.errors.is_empty() && res.verify.iter().all(|v| v["ok"] == true) {
+    if interrupted {
+        ExitCode::from(130)
+    } else if res.errors.is_empty() && res.verify.iter().all(|v| v["ok"] == true) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
@@ -377,7 +388,7 @@ async fn run_chatraftd(
             if args.scenarios.contains(&Scenario::Catchup) {
                 let stored = c["stored"].as_u64().unwrap_or(0);
                 let (_, leader) = cluster.leader().await?;
-                let limit = Duration::from_secs(if args.quick || args.ci { 60 } else { 300 });
+                let limit = Duration::from_secs(if args.quick || args.ci { 60 } else { 240 });
                 let sse =
                     cluster::catch_up_stream(&cluster.http, &leader, LOAD_CONV, stored, limit)
                         .await?;
@@ -428,7 +439,7 @@ async fn load_messages(args: &Args, sizes: &Sizes, cluster: &Cluster) -> Result<
     let writers: Vec<CrWriter> = (0..LOAD_WRITERS)
         .map(|i| CrWriter::new(&cluster.http, &apis[i % apis.len()], LOAD_CONV, i))
         .collect();
-    let limit = Duration::from_secs(if args.quick || args.ci { 60 } else { 300 });
+    let limit = Duration::from_secs(if args.quick || args.ci { 60 } else { 240 });
     eprintln!(
         "  chatraftd: storing {} messages (at most {limit:?})",
         sizes.messages
