@@ -54,6 +54,9 @@ fn f(v: &Value) -> Option<f64> {
 }
 
 fn num(v: &Value) -> String {
+    if let Some(n) = v.as_u64() {
+        return n.to_string();
+    }
     match v.as_f64() {
         Some(x) if x >= 100.0 => format!("{x:.0}"),
         Some(x) if x >= 10.0 => format!("{x:.1}"),
