@@ -1,0 +1,214 @@
+//! Processes the bench starts: free loopback ports, a work dir removed at the end, child
+//! processes that are killed when dropped (also on panic or Ctrl-C) and when the bench itself
+//! dies (`PR_SET_PDEATHSIG`), and CPU/memory readings from `/proc`.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::time::Instant;
+
+/// Ports handed out in this run, so two servers never get the same one.
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("binding 127.0.0.1:0 must work on any Linux host");
+        if HANDED_OUT
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(port)
+        {
+            return port;
+        }
+    }
+}
+
+/// A directory for one run's data; removed when dropped unless `keep` is set.
+pub struct WorkDir {
+    pub path: PathBuf,
+    keep: bool,
+}
+
+impl WorkDir {
+    pub fn create(parent: &Path, keep: bool) -> std::io::Result<Self> {
+        let path = parent.join(format!("chatraftd-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(WorkDir { path, keep })
+    }
+
+    pub fn sub(&self, name: &str) -> std::io::Result<PathBuf> {
+        let p = self.path.join(name);
+        std::fs::create_dir_all(&p)?;
+        Ok(p)
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("bench: kept the work dir {}", self.path.display());
+        } else if let Err(e) = std::fs::remove_dir_all(&self.path) {
+            eprintln!("bench: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// One server process; killed (SIGKILL) and reaped when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr appended to `log`. The child gets SIGKILL when
+    /// the thread that started it exits, so a bench killed with -9 leaves no server behind.
+    /// (Only async worker threads or the main thread start processes: both live until the
+    /// bench ends.)
+    pub fn spawn(name: &str, cmd: &mut Command, log: &Path) -> Result<Proc, String> {
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| format!("{name}: cannot open {}: {e}", log.display()))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| format!("{name}: cannot dup log fd: {e}"))?;
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("{name}: cannot start {:?}: {e}", cmd.get_program()))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// `Some(status)` when the process has exited.
+    pub fn exited(&mut self) -> Option<String> {
+        match self.child.as_mut()?.try_wait() {
+            Ok(Some(s)) => Some(s.to_string()),
+            Ok(None) => None,
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    /// SIGTERM, then wait (polling) until it exits; SIGKILL after `grace`.
+    /// Returns how long the clean stop took.
+    pub async fn stop(&mut self, grace: Duration) -> Duration {
+        let start = Instant::now();
+        let Some(child) = self.child.as_mut() else {
+            return Duration::ZERO;
+        };
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = start + grace;
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "bench: {} did not stop within {grace:?}; killing it",
+                    self.name
+                );
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.child = None;
+        start.elapsed()
+    }
+
+    /// The last lines of the log, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(15)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Linux reports CPU time in clock ticks of 1/100 s (USER_HZ) on every architecture we run.
+const TICKS_PER_SEC: f64 = 100.0;
+
+/// User plus system CPU seconds a process has used.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at state (field 3).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15, i.e. indexes 11 and 12 after the state field.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i)?.parse::<u64>().ok())
+        .sum();
+    ticks as f64 / TICKS_PER_SEC
+}
+
+/// Resident memory of a process in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Raises this process's open-file limit to its hard limit (children inherit it), and
+/// returns the new soft limit.
+pub fn raise_nofile() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 0,
+    }
+}

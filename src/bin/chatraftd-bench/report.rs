@@ -1,0 +1,337 @@
+//! The results folder: `results.json` (every number), `report.md` (tables with the
+//! chatraftd/peer ratio of each figure) and PNG charts drawn by `scripts/bench-charts.py`.
+
+use std::fmt::Write as _;
+use std::path::Path;
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::Results;
+
+const SYSTEMS: [&str; 3] = ["chatraftd", "etcd", "nats"];
+
+/// The chart script, found in the source tree this bench was built from.
+const CHART_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench-charts.py");
+
+pub fn write(dir: &Path, meta: &Value, res: &Results, charts: bool) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let all = json!({
+        "meta": meta,
+        "writes": res.writes,
+        "verify": res.verify,
+        "fanout": res.fanout,
+        "catchup": res.catchup,
+        "recovery": res.recovery,
+        "errors": res.errors,
+    });
+    let json_path = dir.join("results.json");
+    let text = serde_json::to_string_pretty(&all).expect("a Value always serializes");
+    std::fs::write(&json_path, text).map_err(|e| format!("{}: {e}", json_path.display()))?;
+    let mut chart_note = String::new();
+    if charts {
+        match Command::new("python3").arg(CHART_SCRIPT).arg(dir).output() {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                chart_note = format!(
+                    "Charts not drawn: {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                )
+            }
+            Err(e) => chart_note = format!("Charts not drawn: cannot run python3: {e}"),
+        }
+        if !chart_note.is_empty() {
+            eprintln!("chatraftd-bench: {chart_note}");
+        }
+    }
+    let md = markdown(meta, res, dir, &chart_note);
+    let md_path = dir.join("report.md");
+    std::fs::write(&md_path, md).map_err(|e| format!("{}: {e}", md_path.display()))
+}
+
+fn f(v: &Value) -> Option<f64> {
+    v.as_f64()
+}
+
+fn num(v: &Value) -> String {
+    if let Some(n) = v.as_u64() {
+        return n.to_string();
+    }
+    match v.as_f64() {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) if x >= 10.0 => format!("{x:.1}"),
+        Some(x) => format!("{x:.2}"),
+        None => "–".into(),
+    }
+}
+
+/// `ours / theirs`, or a dash when either is missing.
+fn ratio(ours: Option<f64>, theirs: Option<f64>) -> String {
+    match (ours, theirs) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+        _ => "–".into(),
+    }
+}
+
+fn find<'a>(
+    rows: &'a [Value],
+    sys: &str,
+    key: &str,
+    val: &Value,
+    mode: Option<&str>,
+) -> Option<&'a Value> {
+    rows.iter()
+        .find(|r| r["system"] == sys && &r[key] == val && mode.map_or(true, |m| r["mode"] == m))
+}
+
+fn markdown(meta: &Value, res: &Results, dir: &Path, chart_note: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "# chatraftd benchmark: chatraftd, etcd and NATS JetStream\n"
+    );
+    let _ = writeln!(
+        s,
+        "Started {} and finished {}, on {} CPUs; every system ran alone on loopback, three \
+         replicas each, {}-byte messages. Command: `{}`. Sizes: `{}`.\n",
+        meta["started"].as_str().unwrap_or(""),
+        meta["finished"].as_str().unwrap_or(""),
+        meta["cpus"],
+        meta["payload_bytes"],
+        meta["command"].as_str().unwrap_or(""),
+        meta["sizes"].as_str().unwrap_or(""),
+    );
+    let _ = writeln!(
+        s,
+        "Durability: chatraftd acknowledges a write once a majority has it in SQLite with \
+         `synchronous=FULL` (fsynced); etcd fsyncs its WAL before it acknowledges. The Debian \
+         nats-server 2.9 has no `sync_interval` setting (it rejects the key; `always` came in \
+         later releases), so its JetStream acknowledges writes that are replicated but not \
+         fsynced: its figures are not for the same guarantee.\n"
+    );
+    let _ = writeln!(
+        s,
+        "Ratios are chatraftd / peer: above 1 is better for chatraftd in throughput, below 1 is \
+         better for chatraftd in latency. The raw numbers are in `results.json`.\n"
+    );
+    if !res.errors.is_empty() {
+        let _ = writeln!(s, "**Errors in this run:**\n");
+        for e in &res.errors {
+            let _ = writeln!(s, "- {}", e.replace('\n', " "));
+        }
+        s.push('\n');
+    }
+    if !chart_note.is_empty() {
+        let _ = writeln!(s, "_{chart_note}_\n");
+    }
+    writes_section(&mut s, res, dir);
+    verify_section(&mut s, res);
+    fanout_section(&mut s, res, dir);
+    if let Some(c) = &res.catchup {
+        let _ = writeln!(s, "## Catch-up (chatraftd)\n");
+        kv_table(&mut s, c);
+    }
+    if let Some(r) = &res.recovery {
+        let _ = writeln!(s, "## Recovery (chatraftd)\n");
+        kv_table(&mut s, r);
+    }
+    s
+}
+
+fn kv_table(s: &mut String, v: &Value) {
+    let _ = writeln!(s, "| figure | value |\n|---|---|");
+    if let Value::Object(m) = v {
+        for (k, v) in m {
+            let shown = match v {
+                Value::Number(_) => num(v),
+                Value::String(t) => t.clone(),
+                other => other.to_string(),
+            };
+            let _ = writeln!(s, "| {k} | {shown} |");
+        }
+    }
+    s.push('\n');
+}
+
+fn writes_section(s: &mut String, res: &Results, dir: &Path) {
+    if res.writes.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## Writes: acknowledged messages/s and latency versus concurrency\n"
+    );
+    if dir.join("throughput.png").exists() {
+        let _ = writeln!(
+            s,
+            "![throughput](throughput.png)\n\n![latency](latency.png)\n"
+        );
+    }
+    let mut concs: Vec<u64> = res
+        .writes
+        .iter()
+        .filter_map(|r| r["concurrency"].as_u64())
+        .collect();
+    concs.sort_unstable();
+    concs.dedup();
+    for mode in ["spread", "leader"] {
+        let label = if mode == "spread" {
+            "writes spread over all nodes"
+        } else {
+            "all writes to the leader"
+        };
+        let _ = writeln!(s, "### Throughput, {label} (msgs/s)\n");
+        let _ = writeln!(
+            s,
+            "| clients | chatraftd | etcd | nats | chatraftd/etcd | chatraftd/nats |\n|---:|---:|---:|---:|---:|---:|"
+        );
+        for c in &concs {
+            let cv = json!(c);
+            let get = |sys| {
+                find(&res.writes, sys, "concurrency", &cv, Some(mode)).map(|r| &r["msgs_per_s"])
+            };
+            let [a, b, n] = SYSTEMS.map(get);
+            let _ = writeln!(
+                s,
+                "| {c} | {} | {} | {} | {} | {} |",
+                a.map_or("–".into(), num),
+                b.map_or("–".into(), num),
+                n.map_or("–".into(), num),
+                ratio(a.and_then(f), b.and_then(f)),
+                ratio(a.and_then(f), n.and_then(f)),
+            );
+        }
+        s.push('\n');
+        let _ = writeln!(s, "### Latency, {label} (ms)\n");
+        let _ = writeln!(
+            s,
+            "| clients | system | p50 | p99 | p99.9 | max | errors | p50 ratio | p99 ratio |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        for c in &concs {
+            let cv = json!(c);
+            let ours = find(&res.writes, "chatraftd", "concurrency", &cv, Some(mode));
+            for sys in SYSTEMS {
+                let Some(r) = find(&res.writes, sys, "concurrency", &cv, Some(mode)) else {
+                    continue;
+                };
+                let (r50, r99) = if sys == "chatraftd" {
+                    (String::new(), String::new())
+                } else {
+                    (
+                        ratio(ours.and_then(|o| f(&o["p50_ms"])), f(&r["p50_ms"])),
+                        ratio(ours.and_then(|o| f(&o["p99_ms"])), f(&r["p99_ms"])),
+                    )
+                };
+                let _ = writeln!(
+                    s,
+                    "| {c} | {sys} | {} | {} | {} | {} | {} | {r50} | {r99} |",
+                    num(&r["p50_ms"]),
+                    num(&r["p99_ms"]),
+                    num(&r["p999_ms"]),
+                    num(&r["max_ms"]),
+                    r["errors"],
+                );
+            }
+        }
+        s.push('\n');
+    }
+}
+
+fn verify_section(s: &mut String, res: &Results) {
+    if res.verify.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## No-loss check (chatraftd)\n\nAfter each write measurement every node was paged through \
+         `GET /api/v1/messages` (linearizable): every acknowledged message must be there exactly \
+         once, in the same order on every node.\n"
+    );
+    let _ = writeln!(s, "| conversation | acknowledged | unknown outcome | stored per node | same order | ok |\n|---|---:|---:|---|---|---|");
+    for v in &res.verify {
+        let stored: Vec<String> = v["nodes"]
+            .as_array()
+            .map(|a| a.iter().map(|n| n["stored"].to_string()).collect())
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {} | {} |",
+            v["conv_id"].as_str().unwrap_or(""),
+            v["acked"],
+            v["unknown_outcome"],
+            stored.join(" / "),
+            v["same_order_on_every_node"],
+            if v["ok"] == true { "yes" } else { "**NO**" },
+        );
+    }
+    s.push('\n');
+}
+
+fn fanout_section(s: &mut String, res: &Results, dir: &Path) {
+    if res.fanout.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "## Fan-out: subscribers spread over the three nodes, messages at a fixed rate\n\n\
+         Latency is from the writer stamping the message (just before sending it) to a \
+         subscriber reading it, so it includes the commit. Server CPU is the three servers \
+         together during the writing phase (100% = one core); memory is the servers' resident \
+         growth after the subscribers connected and before any message, per subscriber. \
+         Bench CPU is the load generator's own share (it parses every delivery). Writes are \
+         stopped after twice the planned time plus 5 s, so `sent/s` shows when the rate was not \
+         held; a write that timed out may still be committed and delivered (delivered > 100%).\n"
+    );
+    if dir.join("fanout.png").exists() {
+        let _ = writeln!(s, "![fan-out](fanout.png)\n");
+    }
+    let _ = writeln!(
+        s,
+        "| subscribers | system | connected | sent/s | deliveries/s | delivered | p50 ms | p99 ms | max ms | server CPU % | bench CPU % | KiB/subscriber | p99 ratio | deliveries/s ratio |\n|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut subs: Vec<u64> = res
+        .fanout
+        .iter()
+        .filter_map(|r| r["subscribers"].as_u64())
+        .collect();
+    subs.sort_unstable();
+    subs.dedup();
+    for n in subs {
+        let nv = json!(n);
+        let ours = find(&res.fanout, "chatraftd", "subscribers", &nv, None);
+        for sys in SYSTEMS {
+            let Some(r) = find(&res.fanout, sys, "subscribers", &nv, None) else {
+                continue;
+            };
+            let (rp, rd) = if sys == "chatraftd" {
+                (String::new(), String::new())
+            } else {
+                (
+                    ratio(ours.and_then(|o| f(&o["p99_ms"])), f(&r["p99_ms"])),
+                    ratio(
+                        ours.and_then(|o| f(&o["deliveries_per_s"])),
+                        f(&r["deliveries_per_s"]),
+                    ),
+                )
+            };
+            let delivered = match (f(&r["deliveries"]), f(&r["expected"])) {
+                (Some(d), Some(e)) if e > 0.0 => format!("{:.1}%", 100.0 * d / e),
+                _ => "–".into(),
+            };
+            let _ = writeln!(
+                s,
+                "| {n} | {sys} | {} | {} | {} | {delivered} | {} | {} | {} | {} | {} | {} | {rp} | {rd} |",
+                r["connected"],
+                num(&r["sent_per_s"]),
+                num(&r["deliveries_per_s"]),
+                num(&r["p50_ms"]),
+                num(&r["p99_ms"]),
+                num(&r["max_ms"]),
+                num(&r["server_cpu_pct"]),
+                num(&r["bench_cpu_pct"]),
+                num(&r["rss_kib_per_subscriber"]),
+            );
+        }
+    }
+    s.push('\n');
+}
