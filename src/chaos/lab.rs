@@ -1,0 +1,338 @@
+//! The hosts of a chaos run: one Linux network namespace per node, wired to a bridge that
+//! lives in a namespace of its own, plus a veth into the harness's namespace so the clients
+//! can reach every node. Everything is created under fixed `chaos-` names, and everything
+//! created is removed again by [`Lab::teardown`] (also on drop), and swept at the next start
+//! if a run was killed before it could clean up.
+//!
+//! Addresses are in one /24 that exists only on these links: the harness is `.1`, node N is
+//! `.(10 + N)`. Faults are iptables rules and qdiscs inside the node namespaces, so they never
+//! touch the rest of the machine; removing a namespace removes its rules.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The namespace that holds the bridge.
+const SWITCH_NS: &str = "chaos-sw";
+/// The harness's end of its veth into the switch.
+const HOST_LINK: &str = "chaos-h";
+/// Most nodes a lab can hold (addresses .11 to .19).
+pub const MAX_NODES: usize = 9;
+
+/// A failed setup or fault command, with what was run.
+#[derive(Debug, thiserror::Error)]
+#[error("`{command}` failed: {reason}")]
+pub struct LabError {
+    pub command: String,
+    pub reason: String,
+}
+
+/// Runs a command to completion; fails on a non-zero exit with its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String, LabError> {
+    let command = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| LabError {
+            command: command.clone(),
+            reason: e.to_string(),
+        })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(LabError {
+            command,
+            reason: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}
+
+/// The namespace of node `id`.
+pub fn node_ns(id: u64) -> String {
+    format!("chaos-n{id}")
+}
+
+pub struct Lab {
+    /// First three octets of the lab's /24, e.g. "10.77.0".
+    prefix: String,
+    nodes: u64,
+    /// tmpfs mounts to unmount at teardown.
+    mounts: Vec<PathBuf>,
+    torn_down: bool,
+}
+
+impl Lab {
+    /// Creates the namespaces, bridge and links for `nodes` nodes in `prefix`.0/24. Leftovers
+    /// of an earlier run that died are removed first.
+    pub fn create(prefix: &str, nodes: u64) -> Result<Lab, LabError> {
+        sweep();
+        let existing = run(
+            "ip",
+            &[
+                "-4",
+                "route",
+                "show",
+                "to",
+                "match",
+                &format!("{prefix}.11"),
+            ],
+        )?;
+        if existing.lines().any(|l| !l.starts_with("default")) {
+            return Err(LabError {
+                command: format!("ip route show to match {prefix}.11"),
+                reason: format!(
+                    "{prefix}.0/24 is already routed on this machine ({}); choose another with --subnet",
+                    existing.trim()
+                ),
+            });
+        }
+        let mut lab = Lab {
+            prefix: prefix.to_string(),
+            nodes,
+            mounts: Vec::new(),
+            torn_down: false,
+        };
+        lab.build()?;
+        Ok(lab)
+    }
+
+    fn build(&mut self) -> Result<(), LabError> {
+        let sw = SWITCH_NS;
+        run("ip", &["netns", "add", sw])?;
+        run("ip", &["-n", sw, "link", "set", "lo", "up"])?;
+        run("ip", &["-n", sw, "link", "add", "br0", "type", "bridge"])?;
+        run("ip", &["-n", sw, "link", "set", "br0", "up"])?;
+        // The harness's own link into the switch.
+        run(
+            "ip",
+            &[
+                "link", "add", HOST_LINK, "type", "veth", "peer", "name", "host0", "netns", sw,
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "-n", sw, "link", "set", "dev", "host0", "master", "br0", "up",
+            ],
+        )?;
+        run(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}.1/24", self.prefix),
+                "dev",
+                HOST_LINK,
+            ],
+        )?;
+        run("ip", &["link", "set", HOST_LINK, "up"])?;
+        for id in 1..=self.nodes {
+            let ns = node_ns(id);
+            let port = format!("v{id}");
+            run("ip", &["netns", "add", &ns])?;
+            run("ip", &["-n", &ns, "link", "set", "lo", "up"])?;
+            run(
+                "ip",
+                &[
+                    "-n", sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                    "netns", &ns,
+                ],
+            )?;
+            run(
+                "ip",
+                &["-n", sw, "link", "set", "dev", &port, "master", "br0", "up"],
+            )?;
+            run(
+                "ip",
+                &[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{}/24", self.addr(id)),
+                    "dev",
+                    "eth0",
+                ],
+            )?;
+            run("ip", &["-n", &ns, "link", "set", "eth0", "up"])?;
+        }
+        Ok(())
+    }
+
+    /// The address of node `id`.
+    pub fn addr(&self, id: u64) -> String {
+        format!("{}.{}", self.prefix, 10 + id)
+    }
+
+    /// The harness's address, the source of every client request.
+    pub fn host_addr(&self) -> String {
+        format!("{}.1", self.prefix)
+    }
+
+    /// Mounts a tmpfs of `mb` MiB at `dir`, so a node's disk can be filled on purpose without
+    /// touching the machine's own.
+    pub fn mount_tmpfs(&mut self, dir: &Path, mb: u64) -> Result<(), LabError> {
+        std::fs::create_dir_all(dir).map_err(|e| LabError {
+            command: format!("mkdir {}", dir.display()),
+            reason: e.to_string(),
+        })?;
+        let opts = format!("size={mb}m,mode=0700");
+        run(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &opts,
+                "chaos-tmpfs",
+                &dir.to_string_lossy(),
+            ],
+        )?;
+        self.mounts.push(dir.to_path_buf());
+        Ok(())
+    }
+
+    /// Runs a command inside node `id`'s namespace.
+    pub fn exec(&self, id: u64, program: &str, args: &[&str]) -> Result<String, LabError> {
+        let ns = node_ns(id);
+        let mut full = vec!["netns", "exec", &ns, program];
+        full.extend_from_slice(args);
+        run("ip", &full)
+    }
+
+    /// Drops every packet between node `a` and node `b`, in both directions.
+    pub fn cut(&self, a: u64, b: u64) -> Result<(), LabError> {
+        self.cut_one_way(a, b)?;
+        self.cut_one_way(b, a)
+    }
+
+    /// Node `to` no longer receives anything from node `from` (its answers still leave).
+    pub fn cut_one_way(&self, from: u64, to: u64) -> Result<(), LabError> {
+        let src = self.addr(from);
+        self.exec(
+            to,
+            "iptables",
+            &["-w", "-A", "INPUT", "-s", &src, "-j", "DROP"],
+        )
+        .map(|_| ())
+    }
+
+    /// Every node drops this share of the packets it receives, from anyone.
+    pub fn lose_packets(&self, id: u64, probability: f64) -> Result<(), LabError> {
+        let p = format!("{probability:.2}");
+        self.exec(
+            id,
+            "iptables",
+            &[
+                "-w",
+                "-A",
+                "INPUT",
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &p,
+                "-j",
+                "DROP",
+            ],
+        )
+        .map(|_| ())
+    }
+
+    /// A slow, lossy link on node `id`: netem delay and loss where the kernel has netem,
+    /// otherwise a token bucket that queues (and so delays) everything past a low rate.
+    pub fn slow_link(&self, id: u64, netem: bool) -> Result<(), LabError> {
+        let args: &[&str] = if netem {
+            &[
+                "qdisc", "add", "dev", "eth0", "root", "netem", "delay", "60ms", "30ms", "loss",
+                "3%",
+            ]
+        } else {
+            &[
+                "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "256kbit", "burst", "4kb",
+                "latency", "400ms",
+            ]
+        };
+        self.exec(id, "tc", args).map(|_| ())
+    }
+
+    /// Removes every rule and qdisc from node `id`.
+    pub fn heal(&self, id: u64) -> Result<(), LabError> {
+        self.exec(id, "iptables", &["-w", "-F"])?;
+        // No root qdisc of ours is not an error.
+        let _ = self.exec(id, "tc", &["qdisc", "del", "dev", "eth0", "root"]);
+        Ok(())
+    }
+
+    /// Whether this kernel has the netem qdisc (many container kernels lack it).
+    pub fn has_netem(&self) -> bool {
+        let ok = self
+            .exec(
+                1,
+                "tc",
+                &["qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+            )
+            .is_ok();
+        if ok {
+            let _ = self.exec(1, "tc", &["qdisc", "del", "dev", "lo", "root"]);
+        }
+        ok
+    }
+
+    /// Removes everything the lab created. Every node process must be gone already (or at least
+    /// killed): a namespace is only freed once its last process has exited.
+    pub fn teardown(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        for dir in self.mounts.drain(..) {
+            // Lazy: a killed node may still hold files open for a moment.
+            if let Err(e) = run("umount", &["-l", &dir.to_string_lossy()]) {
+                eprintln!("chatraftd-chaos: cleanup: {e}");
+            }
+        }
+        sweep();
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Removes every `chaos-` namespace and link, killing any process still inside a node
+/// namespace (only ever one of ours: a node of an earlier run whose harness was killed).
+pub fn sweep() {
+    let list = run("ip", &["netns", "list"]).unwrap_or_default();
+    for line in list.lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        if !name.starts_with("chaos-") {
+            continue;
+        }
+        if let Ok(pids) = run("ip", &["netns", "pids", name]) {
+            for pid in pids
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
+                let pid = nix::unistd::Pid::from_raw(pid);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        if let Err(e) = run("ip", &["netns", "del", name]) {
+            eprintln!("chatraftd-chaos: cleanup: {e}");
+        }
+    }
+    // Deleting the switch namespace removes the peer, and with it this end; make sure.
+    if run("ip", &["link", "show", HOST_LINK]).is_ok() {
+        let _ = run("ip", &["link", "del", HOST_LINK]);
+    }
+}
