@@ -231,6 +231,10 @@ fn summary(r: &Report) {
         .map(|(c, n)| format!("{c} {n}"))
         .collect();
     println!("final messages: {}", msgs.join(", "));
+    for (n, p) in r.properties.iter().enumerate() {
+        let mark = if p.held { "ok  " } else { "FAIL" };
+        println!("  {mark} {}. {}", n + 1, p.property);
+    }
     if r.valid {
         println!("verdict: valid, no anomaly");
     } else {
@@ -244,4 +248,6 @@ fn summary(r: &Report) {
             println!("  {}: {}", a.kind, a.message);
         }
     }
+    let held = r.properties.iter().filter(|p| p.held).count();
+    println!("chaos: {held} passed, {} failed", r.properties.len() - held);
 }

@@ -22,6 +22,51 @@ use serde::Serialize;
 
 use super::history::{Action, Entry, History, Op, Outcome};
 
+/// The seven properties a run must keep, each with the anomaly kinds that break it. Kinds the
+/// harness adds itself (a node that crashed, nodes that never converged) belong here too.
+pub const PROPERTIES: [(&str, &[&str]); 7] = [
+    (
+        "every acknowledged message is on every node exactly once",
+        &["lost_write", "duplicate"],
+    ),
+    (
+        "all nodes hold one identical sequence",
+        &[
+            "divergence",
+            "bad_sequence",
+            "no_convergence",
+            "final_state_unreadable",
+        ],
+    ),
+    (
+        "only sent, unrefused messages appear, as sent and as acknowledged",
+        &[
+            "phantom",
+            "failed_write_visible",
+            "content_mismatch",
+            "ack_mismatch",
+        ],
+    ),
+    ("real-time order of acknowledged writes", &["reorder"]),
+    (
+        "every stream is gap-free and duplicate-free across reconnects",
+        &[
+            "stream_gap",
+            "stream_duplicate",
+            "stream_mismatch",
+            "stream_incomplete",
+        ],
+    ),
+    (
+        "linearizable reads see every earlier acknowledged write",
+        &["stale_read", "read_mismatch"],
+    ),
+    (
+        "writes succeed again within the bound after healing",
+        &["no_recovery", "node_crashed"],
+    ),
+];
+
 /// Anomalies of one kind beyond this many are counted, not listed.
 const MAX_PER_KIND: usize = 50;
 
@@ -46,6 +91,11 @@ pub struct Verdict {
 impl Verdict {
     pub fn is_clean(&self) -> bool {
         self.counts.is_empty()
+    }
+
+    /// Whether property `n` (0-based, in [`PROPERTIES`] order) held.
+    pub fn property_held(&self, n: usize) -> bool {
+        PROPERTIES[n].1.iter().all(|k| !self.has(k))
     }
 
     pub fn has(&self, kind: &str) -> bool {

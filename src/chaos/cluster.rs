@@ -129,6 +129,9 @@ impl Cluster {
                 settings.snapshot_threshold,
                 (settings.snapshot_threshold / 4).max(1),
             );
+            let log = logs.join(format!("node{id}.log"));
+            // A log from an earlier run in the same directory would only mislead.
+            let _ = std::fs::remove_file(&log);
             let config = logs.join(format!("node{id}.toml"));
             std::fs::write(&config, text).map_err(|source| ClusterError::Io {
                 what: format!("write {}", config.display()),
@@ -138,7 +141,7 @@ impl Cluster {
                 id,
                 api: format!("{addr}:{API_PORT}"),
                 config,
-                log: logs.join(format!("node{id}.log")),
+                log,
                 child: None,
                 paused: false,
                 expected_down: true,

@@ -55,9 +55,16 @@ pub struct Report {
     pub convergence_ms: Option<u64>,
     pub final_messages: BTreeMap<String, u64>,
     pub crashes: Vec<Crash>,
+    pub properties: Vec<PropertyResult>,
     pub anomaly_counts: BTreeMap<&'static str, usize>,
     pub anomalies: Vec<checker::Anomaly>,
     pub valid: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PropertyResult {
+    pub property: &'static str,
+    pub held: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -299,6 +306,14 @@ pub async fn run(opts: Options) -> Result<(Report, History), RunError> {
         convergence_ms,
         final_messages: last,
         crashes: cluster.crashes.clone(),
+        properties: checker::PROPERTIES
+            .iter()
+            .enumerate()
+            .map(|(n, (property, _))| PropertyResult {
+                property,
+                held: verdict.property_held(n),
+            })
+            .collect(),
         anomaly_counts: verdict.counts.clone(),
         valid: verdict.is_clean(),
         anomalies: verdict.anomalies,

@@ -388,3 +388,36 @@ fn no_write_after_healing_is_reported() {
     h.recovery.write_after_heal_ms = Some(12_000);
     only(&check(&h), "no_recovery");
 }
+
+#[test]
+fn every_reported_kind_belongs_to_a_property() {
+    let kinds = [
+        "lost_write",
+        "duplicate",
+        "divergence",
+        "bad_sequence",
+        "phantom",
+        "failed_write_visible",
+        "content_mismatch",
+        "ack_mismatch",
+        "reorder",
+        "stream_gap",
+        "stream_duplicate",
+        "stream_mismatch",
+        "stream_incomplete",
+        "stale_read",
+        "read_mismatch",
+        "no_recovery",
+    ];
+    for k in kinds {
+        assert!(
+            PROPERTIES.iter().any(|(_, ks)| ks.contains(&k)),
+            "{k} has no property"
+        );
+    }
+    let mut b = Builder::sequential(5);
+    b.read(3, 60, 70, 4, vec![entry(5, 4, "m4")]);
+    let v = b.check();
+    let held: Vec<bool> = (0..PROPERTIES.len()).map(|n| v.property_held(n)).collect();
+    assert_eq!(held, [true, true, true, true, true, false, true]);
+}
