@@ -53,7 +53,10 @@ pub struct Crash {
 }
 
 pub struct Node {
+    /// The node's slot: its namespace and address; clients and the checker name nodes by it.
     pub id: u64,
+    /// Its Raft node id: the slot at first, a fresh one after it was removed and re-added.
+    pub raft_id: u64,
     /// `host:port` of the API, as clients use it.
     pub api: String,
     config: PathBuf,
@@ -72,6 +75,8 @@ pub struct Cluster {
     pub lab: Lab,
     pub http: HttpClient,
     pub crashes: Vec<Crash>,
+    /// The next unused Raft node id, for nodes re-added after a wipe.
+    next_raft_id: u64,
     start: Instant,
 }
 
@@ -110,36 +115,20 @@ impl Cluster {
         for id in 1..=count {
             let home = settings.dir.join(format!("node{id}"));
             lab.mount_tmpfs(&home, settings.tmpfs_mb)?;
-            let addr = lab.addr(id);
-            let start_line = if id == 1 {
-                "bootstrap = true".to_string()
-            } else {
-                format!("join = [\"{seed_api}\"]")
-            };
-            let text = format!(
-                "# Written by chatraftd-chaos.\n\
-                 node_id = {id}\n\
-                 data_dir = \"{}\"\n\
-                 {start_line}\n\n\
-                 [api]\nlisten = \"{addr}:{API_PORT}\"\nwrite_timeout_ms = {}\nsse_keepalive_secs = 1\n\n\
-                 [raft]\nlisten = \"{addr}:{RAFT_PORT}\"\nsnapshot_threshold = {}\nkeep_logs_after_snapshot = {}\n\n\
-                 [log]\nlevel = \"info\"\n",
-                home.join("data").display(),
-                settings.write_timeout_ms,
-                settings.snapshot_threshold,
-                (settings.snapshot_threshold / 4).max(1),
-            );
             let log = logs.join(format!("node{id}.log"));
             // A log from an earlier run in the same directory would only mislead.
             let _ = std::fs::remove_file(&log);
+            let join = if id == 1 {
+                vec![]
+            } else {
+                vec![seed_api.clone()]
+            };
             let config = logs.join(format!("node{id}.toml"));
-            std::fs::write(&config, text).map_err(|source| ClusterError::Io {
-                what: format!("write {}", config.display()),
-                source,
-            })?;
+            write_config(&config, &settings, &lab.addr(id), &home, id, &join)?;
             nodes.push(Node {
                 id,
-                api: format!("{addr}:{API_PORT}"),
+                raft_id: id,
+                api: format!("{}:{API_PORT}", lab.addr(id)),
                 config,
                 log,
                 child: None,
@@ -153,6 +142,7 @@ impl Cluster {
             lab,
             http: HttpClient::new(),
             crashes: Vec::new(),
+            next_raft_id: count + 1,
             start,
         })
     }
@@ -399,6 +389,33 @@ impl Cluster {
         Ok(written)
     }
 
+    /// Gives the stopped node in slot `id` an empty data dir and a fresh Raft id, set to join
+    /// through the other nodes when it starts. Returns the new id.
+    pub fn wipe_as_new_node(&mut self, id: u64) -> Result<u64, ClusterError> {
+        assert!(!self.node(id).running(), "wipe a stopped node only");
+        let home = self.home(id);
+        let data = home.join("data");
+        if data.exists() {
+            std::fs::remove_dir_all(&data).map_err(|source| ClusterError::Io {
+                what: format!("wipe {}", data.display()),
+                source,
+            })?;
+        }
+        let raft_id = self.next_raft_id;
+        self.next_raft_id += 1;
+        let join: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.id != id)
+            .map(|n| n.api.clone())
+            .collect();
+        let addr = self.lab.addr(id);
+        let config = self.node(id).config.clone();
+        write_config(&config, &self.settings, &addr, &home, raft_id, &join)?;
+        self.node_mut(id).raft_id = raft_id;
+        Ok(raft_id)
+    }
+
     /// Deletes node `id`'s ballast, if any.
     pub fn free_disk(&self, id: u64) {
         let _ = std::fs::remove_file(ballast(&self.home(id)));
@@ -422,6 +439,40 @@ impl Cluster {
             }
         }
     }
+}
+
+/// Writes a node's config: it bootstraps when `join` is empty, and joins through `join` else.
+fn write_config(
+    path: &Path,
+    settings: &NodeSettings,
+    addr: &str,
+    home: &Path,
+    raft_id: u64,
+    join: &[String],
+) -> Result<(), ClusterError> {
+    let start_line = if join.is_empty() {
+        "bootstrap = true".to_string()
+    } else {
+        let list: Vec<String> = join.iter().map(|a| format!("\"{a}\"")).collect();
+        format!("join = [{}]", list.join(", "))
+    };
+    let text = format!(
+        "# Written by chatraftd-chaos.\n\
+         node_id = {raft_id}\n\
+         data_dir = \"{}\"\n\
+         {start_line}\n\n\
+         [api]\nlisten = \"{addr}:{API_PORT}\"\nwrite_timeout_ms = {}\nsse_keepalive_secs = 1\n\n\
+         [raft]\nlisten = \"{addr}:{RAFT_PORT}\"\nsnapshot_threshold = {}\nkeep_logs_after_snapshot = {}\n\n\
+         [log]\nlevel = \"info\"\n",
+        home.join("data").display(),
+        settings.write_timeout_ms,
+        settings.snapshot_threshold,
+        (settings.snapshot_threshold / 4).max(1),
+    );
+    std::fs::write(path, text).map_err(|source| ClusterError::Io {
+        what: format!("write {}", path.display()),
+        source,
+    })
 }
 
 fn ballast(home: &Path) -> PathBuf {

@@ -46,10 +46,12 @@ pub enum Fault {
     RollingRestart,
     /// Fill one node's disk (its tmpfs) for the window.
     DiskFull,
+    /// Remove a node from the cluster under load, wipe it, and re-add it under a new id.
+    RemoveReadd,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 15] = [
+    pub const ALL: [Fault; 16] = [
         Fault::KillFollower,
         Fault::KillLeader,
         Fault::KillAll,
@@ -65,6 +67,7 @@ impl Fault {
         Fault::SlowNetwork,
         Fault::RollingRestart,
         Fault::DiskFull,
+        Fault::RemoveReadd,
     ];
 
     pub fn name(self) -> &'static str {
@@ -84,11 +87,17 @@ impl Fault {
             Fault::SlowNetwork => "slow-network",
             Fault::RollingRestart => "rolling-restart",
             Fault::DiskFull => "disk-full",
+            Fault::RemoveReadd => "remove-readd",
         }
     }
 
     pub fn parse(name: &str) -> Option<Fault> {
         Fault::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// Faults that change which processes exist take a window of their own.
+    fn is_exclusive(self) -> bool {
+        matches!(self, Fault::RollingRestart | Fault::RemoveReadd)
     }
 
     /// Process faults act on processes, network faults on links: one of each can share a
@@ -141,8 +150,8 @@ pub fn schedule(seed: u64, kinds: &[Fault], total: Duration) -> Vec<Window> {
                 .copied()
                 .filter(|k| {
                     k.is_network() != first.is_network()
-                        && *k != Fault::RollingRestart
-                        && first != Fault::RollingRestart
+                        && !k.is_exclusive()
+                        && !first.is_exclusive()
                 })
                 .collect();
             if !partners.is_empty() {
@@ -373,6 +382,11 @@ impl Nemesis {
                 }
                 (ids, notes.join("; "))
             }
+            Fault::RemoveReadd => {
+                let target = *self.rng.pick(&ids);
+                let detail = remove_and_readd(cluster, target, &mut self.rng).await;
+                (vec![target], detail)
+            }
             Fault::DiskFull => {
                 let target = *self.rng.pick(&ids);
                 self.full_disks.push(target);
@@ -433,6 +447,54 @@ fn partition(cluster: &Cluster, a: &[u64], b: &[u64]) {
                 eprintln!("chatraftd-chaos: partition: {e}");
             }
         }
+    }
+}
+
+/// Removes the node in slot `target` through another node, and only once the removal is
+/// committed stops it, wipes its data dir and starts it under a new id, joining through the
+/// others. A node is never wiped while it may still be a member: that would be a lost disk,
+/// not a membership change.
+async fn remove_and_readd(cluster: &mut Cluster, target: u64, rng: &mut Prng) -> String {
+    let old_id = cluster.nodes[target as usize - 1].raft_id;
+    let path = format!("/api/v1/cluster/nodes/{old_id}");
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let mut last_error = String::new();
+    let removed = loop {
+        if Instant::now() >= deadline {
+            break false;
+        }
+        let via = other(rng, &cluster.ids(), target);
+        let resp = cluster
+            .http
+            .request(
+                hyper::Method::DELETE,
+                &cluster.api(via),
+                &path,
+                &[],
+                bytes::Bytes::new(),
+                Duration::from_secs(35),
+            )
+            .await;
+        match resp {
+            // 404: an earlier attempt that timed out did land.
+            Ok(r) if r.status == 200 || r.status == 404 => break true,
+            Ok(r) => last_error = format!("{} {}", r.status, String::from_utf8_lossy(&r.body)),
+            Err(e) => last_error = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    if !removed {
+        return format!("node id {old_id} could not be removed ({last_error}); left as it was");
+    }
+    cluster.stop_node(target).await;
+    match cluster.wipe_as_new_node(target) {
+        Ok(new_id) => {
+            if let Err(e) = cluster.start_node(target) {
+                return format!("node id {old_id} removed and wiped; restart failed: {e}");
+            }
+            format!("node id {old_id} removed, wiped, re-added as node id {new_id}")
+        }
+        Err(e) => format!("node id {old_id} removed; wipe failed: {e}"),
     }
 }
 

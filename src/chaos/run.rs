@@ -271,7 +271,8 @@ pub async fn run(opts: Options) -> Result<(Report, History), RunError> {
         add(
             &mut verdict,
             "no_convergence",
-            "the nodes did not reach the same applied index within 60 s of healing".into(),
+            "the nodes did not all become voters with the same applied index within 60 s of healing"
+                .into(),
         );
     }
     for c in &cluster.crashes {
@@ -353,22 +354,39 @@ fn op_counts(h: &History) -> BTreeMap<&'static str, BTreeMap<&'static str, usize
     m
 }
 
-/// Waits until every node answers with the same commit index and last applied index.
+/// Waits until every node is a voter and answers with the same commit index and last applied
+/// index.
 async fn wait_converged(cluster: &Cluster, within: Duration) -> bool {
     let deadline = Instant::now() + within;
+    let mut want_voters: Vec<u64> = cluster.nodes.iter().map(|n| n.raft_id).collect();
+    want_voters.sort();
     while Instant::now() < deadline {
         let mut seen = Vec::new();
+        let mut voters_ok = true;
         for id in cluster.ids() {
             match cluster.status(id).await {
-                Some(s) => seen.push((
-                    s["commit_index"].as_u64().unwrap_or(0),
-                    s["last_applied"].as_u64().unwrap_or(0),
-                    s["leader"].is_null(),
-                )),
+                Some(s) => {
+                    let mut voters: Vec<u64> = s["members"]
+                        .as_array()
+                        .map(|m| {
+                            m.iter()
+                                .filter(|n| n["voter"] == true)
+                                .filter_map(|n| n["node_id"].as_u64())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    voters.sort();
+                    voters_ok &= voters == want_voters;
+                    seen.push((
+                        s["commit_index"].as_u64().unwrap_or(0),
+                        s["last_applied"].as_u64().unwrap_or(0),
+                        s["leader"].is_null(),
+                    ))
+                }
                 None => break,
             }
         }
-        let all = seen.len() == cluster.nodes.len();
+        let all = seen.len() == cluster.nodes.len() && voters_ok;
         if all && seen.iter().all(|s| !s.2 && s.0 == s.1 && s.1 == seen[0].1) && seen[0].1 > 0 {
             return true;
         }
