@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::Parser;
 
 use chatraftd::chaos::cluster::NodeSettings;
+use chatraftd::chaos::lab::{self, Lab};
 use chatraftd::chaos::nemesis::Fault;
 use chatraftd::chaos::run::{self, Options, Report};
 
@@ -41,6 +42,9 @@ struct Cli {
     /// Print the fault kinds and exit
     #[arg(long)]
     list_faults: bool,
+    /// Print the fault schedule of the seed and duration and exit (needs no root)
+    #[arg(long, requires = "seed")]
+    print_schedule: bool,
     /// First three octets of the private /24 used inside the lab's namespaces
     #[arg(long, default_value = "10.77.0")]
     subnet: String,
@@ -89,6 +93,21 @@ fn main() -> ExitCode {
         }
         v
     };
+    if cli.print_schedule {
+        let seed = cli.seed.unwrap_or_default();
+        let windows =
+            chatraftd::chaos::nemesis::schedule(seed, &faults, Duration::from_secs(cli.duration));
+        for w in windows {
+            let names: Vec<&str> = w.faults.iter().map(|f| f.name()).collect();
+            println!(
+                "{:>7.1} s  {:>4.1} s  {}",
+                w.start_ms as f64 / 1000.0,
+                w.duration_ms as f64 / 1000.0,
+                names.join(" + ")
+            );
+        }
+        return ExitCode::SUCCESS;
+    }
     let octets: Vec<&str> = cli.subnet.split('.').collect();
     if octets.len() != 3 || octets.iter().any(|o| o.parse::<u8>().is_err()) {
         eprintln!("chatraftd-chaos: --subnet must be three octets, like 10.77.0");
@@ -138,8 +157,30 @@ fn main() -> ExitCode {
         },
         recovery_bound: Duration::from_secs(cli.recovery_bound),
     };
+    let lab = match Lab::create(&opts.subnet, opts.nodes) {
+        Ok(lab) => lab,
+        Err(e) => {
+            eprintln!("chatraftd-chaos: lab setup: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    // Every thread that may open a socket lives in the lab's client namespace: this one (it
+    // runs the top-level future) and each of the runtime's. A thread that cannot get there must
+    // not run at all, or its requests would go to the machine's own network.
+    if let Err(e) = lab::enter_client_ns() {
+        eprintln!("chatraftd-chaos: cannot enter the client namespace: {e}");
+        return ExitCode::from(3);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(|| {
+            if let Err(e) = lab::enter_client_ns() {
+                eprintln!(
+                    "chatraftd-chaos: a runtime thread cannot enter the client namespace: {e}"
+                );
+                std::process::abort();
+            }
+        })
         .build()
     {
         Ok(r) => r,
@@ -150,7 +191,7 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         tokio::select! {
-            r = run::run(opts) => Some(r),
+            r = run::run(opts, lab) => Some(r),
             // Dropping the run's future kills the nodes and removes the lab.
             _ = chatraftd::sys::stop_signal() => None,
         }

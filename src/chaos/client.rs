@@ -401,8 +401,10 @@ async fn stream_once(
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| e.to_string())?;
-    let conn = tokio::spawn(conn);
-    let result = async {
+    // Aborted when this function returns or its future is dropped, so no connection outlives
+    // its subscriber.
+    let _conn = AbortOnDrop(tokio::spawn(conn));
+    async {
         let path = if last == 0 {
             format!("/api/v1/stream?conv_id={conv}&from=1")
         } else {
@@ -464,9 +466,15 @@ async fn stream_once(
             }
         }
     }
-    .await;
-    conn.abort();
-    result
+    .await
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Writes until one is acknowledged (or `within` passes); returns how long that took.

@@ -1,20 +1,22 @@
-//! The hosts of a chaos run: one Linux network namespace per node, wired to a bridge that
-//! lives in a namespace of its own, plus a veth into the harness's namespace so the clients
-//! can reach every node. Everything is created under fixed `chaos-` names, and everything
-//! created is removed again by [`Lab::teardown`] (also on drop), and swept at the next start
-//! if a run was killed before it could clean up.
+//! The hosts of a chaos run: one Linux network namespace per node and one for the clients, all
+//! wired to a bridge that lives in a namespace of its own. The harness moves its own threads
+//! into the client namespace ([`enter_client_ns`]), so none of its traffic ever leaves the lab:
+//! the machine's own namespace gets no address and no route, and once the lab is gone a late
+//! packet finds no route at all. Everything is created under fixed `chaos-` names, removed again
+//! by [`Lab::teardown`] (also on drop), and swept at the next start if a run was killed before
+//! it could clean up.
 //!
-//! Addresses are in one /24 that exists only on these links: the harness is `.1`, node N is
-//! `.(10 + N)`. Faults are iptables rules and qdiscs inside the node namespaces, so they never
-//! touch the rest of the machine; removing a namespace removes its rules.
+//! Addresses are in one /24 that exists only on these links: the clients are `.1`, node N is
+//! `.(10 + N)`. Faults are iptables rules and qdiscs inside the node namespaces; removing a
+//! namespace removes its rules.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The namespace that holds the bridge.
 const SWITCH_NS: &str = "chaos-sw";
-/// The harness's end of its veth into the switch.
-const HOST_LINK: &str = "chaos-h";
+/// The namespace the harness's clients run in.
+pub const CLIENT_NS: &str = "chaos-c";
 /// Most nodes a lab can hold (addresses .11 to .19).
 pub const MAX_NODES: usize = 9;
 
@@ -55,7 +57,15 @@ pub fn node_ns(id: u64) -> String {
     format!("chaos-n{id}")
 }
 
+/// The source name of the nodes' tmpfs mounts, by which a later run finds leftovers.
+const TMPFS_SOURCE: &str = "chaos-tmpfs";
+
+/// Held for the whole run, so two runs never share (and tear down) the same namespaces.
+const LOCK_FILE: &str = "/run/chatraftd-chaos.lock";
+
 pub struct Lab {
+    /// The flock on `LOCK_FILE`, released when the lab is dropped.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     /// First three octets of the lab's /24, e.g. "10.77.0".
     prefix: String,
     nodes: u64,
@@ -66,30 +76,26 @@ pub struct Lab {
 
 impl Lab {
     /// Creates the namespaces, bridge and links for `nodes` nodes in `prefix`.0/24. Leftovers
-    /// of an earlier run that died are removed first.
+    /// of an earlier run that died are removed first. The prefix is private to the lab's
+    /// namespaces, so it cannot clash with the machine's own routes.
     pub fn create(prefix: &str, nodes: u64) -> Result<Lab, LabError> {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(LOCK_FILE)
+            .map_err(|e| LabError {
+                command: format!("open {LOCK_FILE}"),
+                reason: e.to_string(),
+            })?;
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| LabError {
+                command: format!("flock {LOCK_FILE}"),
+                reason: format!("another chatraftd-chaos run holds the lab ({e})"),
+            })?;
         sweep();
-        let existing = run(
-            "ip",
-            &[
-                "-4",
-                "route",
-                "show",
-                "to",
-                "match",
-                &format!("{prefix}.11"),
-            ],
-        )?;
-        if existing.lines().any(|l| !l.starts_with("default")) {
-            return Err(LabError {
-                command: format!("ip route show to match {prefix}.11"),
-                reason: format!(
-                    "{prefix}.0/24 is already routed on this machine ({}); choose another with --subnet",
-                    existing.trim()
-                ),
-            });
-        }
         let mut lab = Lab {
+            _lock: lock,
             prefix: prefix.to_string(),
             nodes,
             mounts: Vec::new(),
@@ -105,30 +111,33 @@ impl Lab {
         run("ip", &["-n", sw, "link", "set", "lo", "up"])?;
         run("ip", &["-n", sw, "link", "add", "br0", "type", "bridge"])?;
         run("ip", &["-n", sw, "link", "set", "br0", "up"])?;
-        // The harness's own link into the switch.
+        // The clients' namespace, like a node's.
+        run("ip", &["netns", "add", CLIENT_NS])?;
+        run("ip", &["-n", CLIENT_NS, "link", "set", "lo", "up"])?;
         run(
             "ip",
             &[
-                "link", "add", HOST_LINK, "type", "veth", "peer", "name", "host0", "netns", sw,
+                "-n", sw, "link", "add", "c0", "type", "veth", "peer", "name", "eth0", "netns",
+                CLIENT_NS,
             ],
         )?;
         run(
             "ip",
-            &[
-                "-n", sw, "link", "set", "dev", "host0", "master", "br0", "up",
-            ],
+            &["-n", sw, "link", "set", "dev", "c0", "master", "br0", "up"],
         )?;
         run(
             "ip",
             &[
+                "-n",
+                CLIENT_NS,
                 "addr",
                 "add",
-                &format!("{}.1/24", self.prefix),
+                &format!("{}/24", self.host_addr()),
                 "dev",
-                HOST_LINK,
+                "eth0",
             ],
         )?;
-        run("ip", &["link", "set", HOST_LINK, "up"])?;
+        run("ip", &["-n", CLIENT_NS, "link", "set", "eth0", "up"])?;
         for id in 1..=self.nodes {
             let ns = node_ns(id);
             let port = format!("v{id}");
@@ -167,7 +176,7 @@ impl Lab {
         format!("{}.{}", self.prefix, 10 + id)
     }
 
-    /// The harness's address, the source of every client request.
+    /// The clients' address, the source of every client request.
     pub fn host_addr(&self) -> String {
         format!("{}.1", self.prefix)
     }
@@ -306,9 +315,18 @@ impl Drop for Lab {
     }
 }
 
-/// Removes every `chaos-` namespace and link, killing any process still inside a node
-/// namespace (only ever one of ours: a node of an earlier run whose harness was killed).
+/// Unmounts every leftover node disk and removes every `chaos-` namespace, killing any process still inside a node namespace (only
+/// ever one of ours: a node of an earlier run whose harness was killed; the lock file makes
+/// sure no other run is going on).
 pub fn sweep() {
+    // Data disks of a run that was killed: tmpfs mounts named after the lab.
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        if let (Some(TMPFS_SOURCE), Some(dir)) = (fields.next(), fields.next()) {
+            let _ = run("umount", &["-l", dir]);
+        }
+    }
     let list = run("ip", &["netns", "list"]).unwrap_or_default();
     for line in list.lines() {
         let Some(name) = line.split_whitespace().next() else {
@@ -317,10 +335,18 @@ pub fn sweep() {
         if !name.starts_with("chaos-") {
             continue;
         }
-        if let Ok(pids) = run("ip", &["netns", "pids", name]) {
+        // Only node namespaces hold daemons; the clients' namespace holds this very process.
+        let me = std::process::id() as i32;
+        let pids = if name.starts_with("chaos-n") {
+            run("ip", &["netns", "pids", name])
+        } else {
+            Ok(String::new())
+        };
+        if let Ok(pids) = pids {
             for pid in pids
                 .split_whitespace()
                 .filter_map(|p| p.parse::<i32>().ok())
+                .filter(|p| *p != me)
             {
                 let pid = nix::unistd::Pid::from_raw(pid);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
@@ -331,8 +357,19 @@ pub fn sweep() {
             eprintln!("chatraftd-chaos: cleanup: {e}");
         }
     }
-    // Deleting the switch namespace removes the peer, and with it this end; make sure.
-    if run("ip", &["link", "show", HOST_LINK]).is_ok() {
-        let _ = run("ip", &["link", "del", HOST_LINK]);
+}
+
+/// Moves the calling thread into the clients' namespace. Every thread of the harness that
+/// opens a socket must call this first (the runtime's threads do, on start).
+pub fn enter_client_ns() -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(format!("/run/netns/{CLIENT_NS}"))?;
+    // SAFETY: setns only changes this thread's network namespace; the descriptor is valid for
+    // the duration of the call.
+    let rc = unsafe { nix::libc::setns(file.as_raw_fd(), nix::libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }

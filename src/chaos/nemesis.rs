@@ -127,8 +127,9 @@ pub struct Window {
 }
 
 /// Draws the schedule: fault windows of 3 to 7 s with 1.5 to 3 s of calm between them, from
-/// 3 s after the workload starts to `total`. About a third of the windows combine a network
-/// fault with a process fault.
+/// 3 s after the workload starts to `total`. Each window's main fault is dealt from a shuffled
+/// deck of `kinds`, so every kind comes up once before any comes up again. About a third of
+/// the windows combine a network fault with a process fault.
 pub fn schedule(seed: u64, kinds: &[Fault], total: Duration) -> Vec<Window> {
     let mut rng = Prng::fork(seed, 0x5C4E_D01E);
     let total_ms = total.as_millis() as u64;
@@ -137,12 +138,17 @@ pub fn schedule(seed: u64, kinds: &[Fault], total: Duration) -> Vec<Window> {
     if kinds.is_empty() {
         return windows;
     }
+    let mut deck: Vec<Fault> = Vec::new();
     loop {
         let duration_ms = rng.between(3000, 7000);
         if t + duration_ms > total_ms {
             break;
         }
-        let first = *rng.pick(kinds);
+        if deck.is_empty() {
+            deck = kinds.to_vec();
+            rng.shuffle(&mut deck);
+        }
+        let Some(first) = deck.pop() else { break };
         let mut faults = vec![first];
         if rng.chance(0.33) {
             let partners: Vec<Fault> = kinds
@@ -547,5 +553,15 @@ mod tests {
         for f in Fault::ALL {
             assert_eq!(Fault::parse(f.name()), Some(f));
         }
+    }
+
+    #[test]
+    fn every_kind_comes_up_before_any_repeats() {
+        let w = schedule(3, &Fault::ALL, Duration::from_secs(600));
+        assert!(w.len() > Fault::ALL.len());
+        let mut first: Vec<Fault> = w[..Fault::ALL.len()].iter().map(|w| w.faults[0]).collect();
+        first.sort();
+        first.dedup();
+        assert_eq!(first.len(), Fault::ALL.len(), "{w:?}");
     }
 }

@@ -82,10 +82,11 @@ pub enum RunError {
     Cluster(#[from] ClusterError),
 }
 
-/// Runs everything; the lab is gone when this returns (or when its future is dropped).
-pub async fn run(opts: Options) -> Result<(Report, History), RunError> {
+/// Runs everything in `lab` (created, and the calling threads moved into its client
+/// namespace, before the runtime started); the lab is gone when this returns (or when its
+/// future is dropped).
+pub async fn run(opts: Options, lab: Lab) -> Result<(Report, History), RunError> {
     let start = Instant::now();
-    let lab = Lab::create(&opts.subnet, opts.nodes)?;
     let netem = lab.has_netem();
     let mut cluster = Cluster::prepare(lab, opts.nodes, opts.settings.clone(), start)?;
     let schedule = nemesis::schedule(opts.seed, &opts.faults, opts.duration);
