@@ -412,7 +412,7 @@ fn check_streams(
                     "stream_gap",
                     format!(
                         "{} (node {}, connection {}): seq {} came where {next} was due",
-                        sub.name, sub.node, ev.connection, ev.id
+                        sub.name, ev.node, ev.connection, ev.id
                     ),
                     vec![],
                 );
@@ -422,7 +422,7 @@ fn check_streams(
                     format!(
                         "{} (node {}, connection {}): seq {} came again after seq {}",
                         sub.name,
-                        sub.node,
+                        ev.node,
                         ev.connection,
                         ev.id,
                         next - 1
@@ -437,7 +437,7 @@ fn check_streams(
                     "stream_mismatch",
                     format!(
                         "{} (node {}): seq {} was {:?}, the final sequence has {want:?}",
-                        sub.name, sub.node, ev.id, ev.entry
+                        sub.name, ev.node, ev.id, ev.entry
                     ),
                     vec![],
                 ),

@@ -314,12 +314,13 @@ pub async fn reader(
     }
 }
 
-/// A stream subscriber on one node. It starts at seq 1, holds each connection for a few
-/// seconds, then drops it and resumes with `Last-Event-ID`. It ends on `stop`, or once
-/// `target` names a last seq for its conversation and it has received it.
+/// A stream subscriber. It starts at seq 1 on its own node, holds each connection for a few
+/// seconds, then drops it and resumes with `Last-Event-ID`, on its own node or, one time in
+/// four, on another one (as a client fails over). It ends on `stop`, or once `target` names a
+/// last seq for its conversation and it has received it.
 pub async fn subscriber(
     recorder: Arc<Recorder>,
-    api: String,
+    apis: Vec<String>,
     sub: Arc<Mutex<Subscription>>,
     mut rng: Prng,
     mut stop: watch::Receiver<bool>,
@@ -330,9 +331,16 @@ pub async fn subscriber(
         .unwrap_or_else(|p| p.into_inner())
         .conv_id
         .clone();
+    let home = sub.lock().unwrap_or_else(|p| p.into_inner()).node;
     let mut last = 0u64;
     let mut connection = 0u32;
     loop {
+        let node = if connection > 0 && rng.chance(0.25) {
+            rng.between(1, apis.len() as u64)
+        } else {
+            home
+        };
+        let api = &apis[node as usize - 1];
         let reached = |last: u64| {
             target
                 .borrow()
@@ -362,6 +370,7 @@ pub async fn subscriber(
             s.events.push(StreamEvent {
                 at_ns: recorder.now_ns(),
                 connection: this,
+                node,
                 id,
                 entry,
             });
@@ -369,7 +378,7 @@ pub async fn subscriber(
             !reached(last)
         };
         let result = tokio::select! {
-            r = stream_once(&api, &conv, resume_after, deadline, on_event) => r,
+            r = stream_once(api, &conv, resume_after, deadline, on_event) => r,
             _ = stop.wait_for(|s| *s) => Ok(()),
         };
         connection += 1;

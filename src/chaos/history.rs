@@ -122,18 +122,21 @@ impl Op {
 pub struct StreamEvent {
     /// Nanoseconds since the run started.
     pub at_ns: u64,
-    /// Which connection of the subscriber it came on (0 is the first).
+    /// Which connection of the subscriber it came on (0 is the first) ...
     pub connection: u32,
+    /// ... and from which node.
+    pub node: u64,
     /// The SSE `id:` field.
     pub id: u64,
     pub entry: Entry,
 }
 
-/// One stream subscriber: it starts at seq 1 and, on every reconnect, resumes with
-/// `Last-Event-ID` set to the last id it received.
+/// One stream subscriber: it starts at seq 1 and, on every reconnect (to any node), resumes
+/// with `Last-Event-ID` set to the last id it received.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Subscription {
     pub name: String,
+    /// The node it starts on.
     pub node: u64,
     pub conv_id: String,
     pub connections: u32,

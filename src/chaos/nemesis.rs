@@ -416,6 +416,17 @@ impl Nemesis {
                 cluster.resume_node(id);
             }
         }
+        // A node that hit the full disk stops its Raft and then exits; one caught in between
+        // would exit later and look like a crash. Stop those now, as an operator would.
+        for id in self.full_disks.clone() {
+            let healthy = cluster
+                .get_json(id, "/healthz", Duration::from_millis(800))
+                .await
+                .is_some();
+            if !healthy {
+                cluster.stop_node(id).await;
+            }
+        }
         cluster.reap(&self.full_disks);
         self.full_disks.clear();
         for id in cluster.ids() {

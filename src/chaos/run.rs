@@ -136,7 +136,7 @@ pub async fn run(opts: Options, lab: Lab) -> Result<(Report, History), RunError>
             subs.push(sub.clone());
             sub_tasks.spawn(client::subscriber(
                 recorder.clone(),
-                cluster.api(id),
+                clients.apis.clone(),
                 sub,
                 Prng::fork(opts.seed, 0x5B00 + subs.len() as u64),
                 sub_stop_rx.clone(),

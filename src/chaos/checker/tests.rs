@@ -104,6 +104,7 @@ impl Builder {
             .map(|(i, s)| StreamEvent {
                 at_ns: 100 + i as u64,
                 connection: i as u32 / 2,
+                node,
                 id: *s,
                 entry: finals[*s as usize - 1].clone(),
             })
