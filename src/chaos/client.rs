@@ -20,11 +20,15 @@ use crate::network::{HttpClient, HttpError};
 /// How long a client waits for any one answer before calling it indeterminate.
 const OP_TIMEOUT: Duration = Duration::from_secs(4);
 
-/// Collects operations from every client, stamped on one monotonic clock.
+/// Collects operations from every client, stamped on one monotonic clock. An operation is
+/// registered when it is sent, so one whose client is cancelled before the answer still counts
+/// (as indeterminate): a write that lands without being in the history would look invented.
 pub struct Recorder {
     start: Instant,
     next_id: AtomicU64,
     ops: Mutex<Vec<Op>>,
+    /// Sent and not yet answered, by id.
+    pending: Mutex<BTreeMap<u64, Op>>,
 }
 
 impl Recorder {
@@ -33,6 +37,7 @@ impl Recorder {
             start,
             next_id: AtomicU64::new(0),
             ops: Mutex::new(Vec::new()),
+            pending: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -40,16 +45,36 @@ impl Recorder {
         self.start.elapsed().as_nanos() as u64
     }
 
-    fn record(&self, mut op: Op) -> Op {
+    /// Registers an operation as sent; returns it with its id.
+    fn begin(&self, mut op: Op) -> Op {
         op.id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        op.detail = "no answer before the client was stopped".into();
         // A poisoned lock only means another client panicked; its ops are still good.
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        pending.insert(op.id, op.clone());
+        op
+    }
+
+    /// Records the answer of an operation registered with `begin`.
+    fn record(&self, op: Op) -> Op {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&op.id);
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         ops.push(op.clone());
         op
     }
 
+    /// Every operation so far: the answered ones, and those still waiting as indeterminate.
     pub fn ops(&self) -> Vec<Op> {
+        let now = self.now_ns();
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        ops.extend(pending.values().cloned().map(|mut op| {
+            op.complete_ns = now;
+            op
+        }));
         ops.sort_by_key(|o| o.id);
         ops
     }
@@ -85,25 +110,12 @@ impl Clients {
         let body = serde_json::json!({
             "conv_id": conv_id, "msg_id": msg_id, "sender": sender, "payload": payload,
         });
-        let invoke_ns = self.recorder.now_ns();
-        let resp = self
-            .http
-            .request(
-                hyper::Method::POST,
-                self.api(node),
-                "/api/v1/message",
-                &[("content-type", "application/json")],
-                Bytes::from(body.to_string()),
-                OP_TIMEOUT,
-            )
-            .await;
-        let complete_ns = self.recorder.now_ns();
-        let mut op = Op {
+        let mut op = self.recorder.begin(Op {
             id: 0,
             process: process.to_string(),
             node,
-            invoke_ns,
-            complete_ns,
+            invoke_ns: self.recorder.now_ns(),
+            complete_ns: 0,
             action: Action::Write {
                 conv_id: conv_id.to_string(),
                 msg_id: msg_id.to_string(),
@@ -115,7 +127,20 @@ impl Clients {
             detail: String::new(),
             written: None,
             read: None,
-        };
+        });
+        let resp = self
+            .http
+            .request(
+                hyper::Method::POST,
+                self.api(node),
+                "/api/v1/message",
+                &[("content-type", "application/json")],
+                Bytes::from(body.to_string()),
+                OP_TIMEOUT,
+            )
+            .await;
+        op.complete_ns = self.recorder.now_ns();
+        op.detail.clear();
         classify(&mut op, resp, |op, json| {
             op.written = Entry::from_record(json);
             op.written.is_some()
@@ -128,7 +153,22 @@ impl Clients {
         let path = format!(
             "/api/v1/messages?conv_id={conv_id}&from={from}&limit=100&consistency=linearizable"
         );
-        let invoke_ns = self.recorder.now_ns();
+        let mut op = self.recorder.begin(Op {
+            id: 0,
+            process: process.to_string(),
+            node,
+            invoke_ns: self.recorder.now_ns(),
+            complete_ns: 0,
+            action: Action::Read {
+                conv_id: conv_id.to_string(),
+                from,
+            },
+            outcome: Outcome::Indeterminate,
+            status: None,
+            detail: String::new(),
+            written: None,
+            read: None,
+        });
         let resp = self
             .http
             .request(
@@ -140,23 +180,8 @@ impl Clients {
                 OP_TIMEOUT,
             )
             .await;
-        let complete_ns = self.recorder.now_ns();
-        let mut op = Op {
-            id: 0,
-            process: process.to_string(),
-            node,
-            invoke_ns,
-            complete_ns,
-            action: Action::Read {
-                conv_id: conv_id.to_string(),
-                from,
-            },
-            outcome: Outcome::Indeterminate,
-            status: None,
-            detail: String::new(),
-            written: None,
-            read: None,
-        };
+        op.complete_ns = self.recorder.now_ns();
+        op.detail.clear();
         classify(&mut op, resp, |op, json| {
             let last_seq = json["last_seq"].as_u64();
             let entries: Option<Vec<Entry>> = json["messages"]
@@ -510,4 +535,59 @@ pub async fn probe(clients: &Clients, rng: &mut Prng, within: Duration) -> Optio
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_op(msg_id: &str) -> Op {
+        Op {
+            id: 0,
+            process: "writer-0".into(),
+            node: 1,
+            invoke_ns: 5,
+            complete_ns: 0,
+            action: Action::Write {
+                conv_id: "general".into(),
+                msg_id: msg_id.into(),
+                sender: "s".into(),
+                payload: "p".into(),
+            },
+            outcome: Outcome::Indeterminate,
+            status: None,
+            detail: String::new(),
+            written: None,
+            read: None,
+        }
+    }
+
+    #[test]
+    fn an_operation_never_answered_stays_in_the_history_as_indeterminate() {
+        let r = Recorder::new(Instant::now());
+        let answered = r.begin(write_op("a"));
+        let _cancelled = r.begin(write_op("b"));
+        r.record(Op {
+            outcome: Outcome::Ok,
+            complete_ns: 9,
+            ..answered
+        });
+        let ops = r.ops();
+        assert_eq!(ops.len(), 2);
+        assert_eq!((ops[0].msg_id(), ops[0].outcome), (Some("a"), Outcome::Ok));
+        assert_eq!(
+            (ops[1].msg_id(), ops[1].outcome),
+            (Some("b"), Outcome::Indeterminate)
+        );
+        assert!(ops[1].detail.contains("no answer"));
+    }
+
+    #[test]
+    fn msg_ids_are_reproducible_v4_uuids() {
+        let a = msg_id(&mut Prng::new(1));
+        assert_eq!(a, msg_id(&mut Prng::new(1)));
+        assert_ne!(a, msg_id(&mut Prng::new(2)));
+        let u = uuid::Uuid::parse_str(&a).unwrap();
+        assert_eq!(u.get_version_num(), 4);
+    }
 }
