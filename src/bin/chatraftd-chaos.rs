@@ -24,7 +24,7 @@ struct Cli {
     /// Seed of the fault schedule and every client choice [default: from the clock]
     #[arg(long)]
     seed: Option<u64>,
-    /// Number of nodes (3 to 9)
+    /// Number of nodes (3 to 9: node N has address .(10 + N) in the lab)
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(3..=9))]
     nodes: u64,
     /// Seconds of workload under faults

@@ -17,8 +17,6 @@ use std::process::Command;
 const SWITCH_NS: &str = "chaos-sw";
 /// The namespace the harness's clients run in.
 pub const CLIENT_NS: &str = "chaos-c";
-/// Most nodes a lab can hold (addresses .11 to .19).
-pub const MAX_NODES: usize = 9;
 
 /// A failed setup or fault command, with what was run.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +130,7 @@ impl Lab {
                 CLIENT_NS,
                 "addr",
                 "add",
-                &format!("{}/24", self.host_addr()),
+                &format!("{}/24", self.client_addr()),
                 "dev",
                 "eth0",
             ],
@@ -177,7 +175,7 @@ impl Lab {
     }
 
     /// The clients' address, the source of every client request.
-    pub fn host_addr(&self) -> String {
+    pub fn client_addr(&self) -> String {
         format!("{}.1", self.prefix)
     }
 
