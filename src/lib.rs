@@ -11,8 +11,10 @@
 //! - [`server`]: wiring of one node, bootstrap and join, ordered shutdown.
 //! - [`sys`]: logging and signals.
 //! - [`local_cluster`]: the `local-cluster` subcommand.
+//! - [`chaos`]: the fault-injection harness and history checker behind `chatraftd-chaos`.
 
 pub mod api;
+pub mod chaos;
 pub mod config;
 pub mod local_cluster;
 pub mod network;

@@ -1,4 +1,5 @@
-//! Membership and health: `POST /join`, `GET /api/v1/status`, `GET /healthz`, `GET /readyz`.
+//! Membership and health: `POST /join`, `DELETE /api/v1/cluster/nodes/{id}`,
+//! `GET /api/v1/status`, `GET /healthz`, `GET /readyz`.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -30,6 +31,19 @@ pub fn routes(
             |state: Arc<AppState>, headers: HeaderMap, body: Bytes| async move {
                 reply_json(
                     join(&state, &headers, &body)
+                        .await
+                        .map(|s| (StatusCode::OK, s)),
+                )
+            },
+        );
+    let remove = warp::path!("api" / "v1" / "cluster" / "nodes" / NodeId)
+        .and(warp::delete())
+        .and(with_state(state.clone()))
+        .and(warp::header::headers_cloned())
+        .then(
+            |node_id: NodeId, state: Arc<AppState>, headers: HeaderMap| async move {
+                reply_json(
+                    remove(&state, &headers, node_id)
                         .await
                         .map(|s| (StatusCode::OK, s)),
                 )
@@ -69,7 +83,9 @@ pub fn routes(
                 )),
             })
         });
-    join.or(status)
+    join.or(remove)
+        .unify()
+        .or(status)
         .unify()
         .or(healthz)
         .unify()
@@ -381,5 +397,136 @@ async fn join_as_leader(
         ApiError::unavailable("the membership change was not committed in time; join again")
     })?
     .map_err(|e| raft_failed(e.to_string()))?;
+    Ok(status(state))
+}
+
+/// Removes a node from the cluster, on the leader (forwarded there from any node). Answers
+/// once the new membership is committed; the removed node's own process is left running and
+/// should be stopped by its operator.
+async fn remove(
+    state: &AppState,
+    headers: &HeaderMap,
+    node_id: NodeId,
+) -> Result<Status, ApiError> {
+    let deadline = Instant::now() + state.write_timeout.max(MIN_JOIN_TIMEOUT);
+    let forwarded = headers.contains_key(FORWARDED_HEADER);
+    loop {
+        let leader = state.raft.metrics().borrow().current_leader;
+        match leader {
+            Some(id) if id == state.node_id => {
+                return remove_as_leader(state, node_id, deadline).await
+            }
+            Some(id) if !forwarded => {
+                let addr = state
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.api_addr.clone());
+                if let Some(addr) = addr {
+                    if let Some(result) = forward_remove(state, &addr, node_id, deadline).await {
+                        return result;
+                    }
+                }
+            }
+            Some(_) => {
+                return Err(ApiError {
+                    code: "not_leader",
+                    ..ApiError::unavailable("this node is not the leader")
+                })
+            }
+            None => {}
+        }
+        if Instant::now() >= deadline {
+            return Err(ApiError::unavailable(
+                "no leader could take the removal in time",
+            ));
+        }
+        let mut metrics = state.raft.metrics();
+        let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
+    }
+}
+
+/// Returns None when the leader could not be reached and the caller should look again.
+async fn forward_remove(
+    state: &AppState,
+    addr: &str,
+    node_id: NodeId,
+    deadline: Instant,
+) -> Option<Result<Status, ApiError>> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let resp = state
+        .client
+        .request(
+            hyper::Method::DELETE,
+            addr,
+            &format!("/api/v1/cluster/nodes/{node_id}"),
+            &[(FORWARDED_HEADER, "1")],
+            Bytes::new(),
+            left,
+        )
+        .await
+        .ok()?;
+    match resp.status {
+        StatusCode::OK => Some(Ok(status(state))),
+        StatusCode::SERVICE_UNAVAILABLE => None,
+        s => {
+            let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or_default();
+            let code = match v["error"]["code"].as_str() {
+                Some("not_found") => "not_found",
+                Some("invalid_field") => "invalid_field",
+                _ => "internal",
+            };
+            let message = v["error"]["message"]
+                .as_str()
+                .unwrap_or("the leader refused the removal")
+                .to_string();
+            Some(Err(ApiError::new(s, code, message)))
+        }
+    }
+}
+
+async fn remove_as_leader(
+    state: &AppState,
+    node_id: NodeId,
+    deadline: Instant,
+) -> Result<Status, ApiError> {
+    // One membership change at a time: the checks below must still hold when the change lands.
+    let _guard = tokio::time::timeout_at(deadline, state.membership_lock.lock())
+        .await
+        .map_err(|_| ApiError::unavailable("another membership change is in progress"))?;
+    let change = {
+        let m = state.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        if membership.get_node(&node_id).is_none() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("node {node_id} is not a member"),
+            ));
+        }
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if voters.contains(&node_id) {
+            if voters.len() == 1 {
+                return Err(ApiError::invalid_field(
+                    "node_id",
+                    "is the last voter; a cluster cannot remove it",
+                ));
+            }
+            ChangeMembers::RemoveVoters([node_id].into())
+        } else {
+            ChangeMembers::RemoveNodes([node_id].into())
+        }
+    };
+    tracing::info!(node_id, "removing a node");
+    // retain = false: a removed voter does not stay on as a learner.
+    tokio::time::timeout_at(deadline, state.raft.change_membership(change, false))
+        .await
+        .map_err(|_| {
+            ApiError::unavailable("the membership change was not committed in time; try again")
+        })?
+        .map_err(|e| ApiError::unavailable(format!("the membership change failed: {e}")))?;
     Ok(status(state))
 }
