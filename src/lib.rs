@@ -8,6 +8,7 @@
 //! - [`network`]: Raft RPC over HTTP, client and server side, and the shared HTTP client.
 //! - [`api`]: the client HTTP API: messages, stream, history, join, status, health, the
 //!   cluster overview, and the web page (`api/web/`, compiled into the binary).
+//! - [`security`]: the cluster secret, client tokens, and who may use which route.
 //! - [`server`]: wiring of one node, bootstrap and join, ordered shutdown.
 //! - [`sys`]: logging and signals.
 //! - [`local_cluster`]: the `local-cluster` subcommand.
@@ -16,6 +17,7 @@ pub mod api;
 pub mod config;
 pub mod local_cluster;
 pub mod network;
+pub mod security;
 pub mod server;
 pub mod store;
 pub mod sys;

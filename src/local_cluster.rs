@@ -27,7 +27,14 @@ pub struct Args {
     raft_port: u16,
 }
 
-fn node_config(dir: &Path, id: u16, api_port: u16, raft_port: u16, node1_api: &str) -> String {
+fn node_config(
+    dir: &Path,
+    id: u16,
+    api_port: u16,
+    raft_port: u16,
+    node1_api: &str,
+    secret_file: &Path,
+) -> String {
     let start = if id == 1 {
         "bootstrap = true".to_string()
     } else {
@@ -39,9 +46,30 @@ fn node_config(dir: &Path, id: u16, api_port: u16, raft_port: u16, node1_api: &s
          data_dir = \"{}\"\n\
          {start}\n\n\
          [api]\nlisten = \"127.0.0.1:{api_port}\"\n\n\
-         [raft]\nlisten = \"127.0.0.1:{raft_port}\"\n",
-        dir.display()
+         [raft]\nlisten = \"127.0.0.1:{raft_port}\"\n\n\
+         [security]\ncluster_secret_file = \"{}\"\n",
+        dir.display(),
+        secret_file.display()
     )
+}
+
+/// Makes `path` hold a fresh random cluster secret (64 hex digits from the kernel's random
+/// source), mode 0600, unless it exists already: a restarted local cluster keeps its secret.
+fn ensure_secret_file(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.exists() {
+        return Ok(());
+    }
+    let mut raw = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{hex}")
 }
 
 pub fn run(args: Args) -> ExitCode {
@@ -73,6 +101,19 @@ async fn run_async(args: Args) -> ExitCode {
         return ExitCode::from(2);
     }
     let node1_api = format!("127.0.0.1:{}", args.api_port);
+    let secret_file = match std::fs::create_dir_all(&args.dir)
+        .and_then(|_| std::path::absolute(args.dir.join("cluster-secret")))
+        .and_then(|p| ensure_secret_file(&p).map(|_| p))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "chatraftd: cannot write the cluster secret in {}: {e}",
+                args.dir.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
     let mut children: Vec<(u16, Child)> = Vec::new();
     for i in 0..args.nodes {
         let id = i + 1;
@@ -92,6 +133,7 @@ async fn run_async(args: Args) -> ExitCode {
             args.api_port + i,
             args.raft_port + i,
             &node1_api,
+            &secret_file,
         );
         if let Err(e) = std::fs::write(&config_path, text) {
             eprintln!("chatraftd: cannot write {}: {e}", config_path.display());

@@ -26,6 +26,7 @@ pub use error::ApiError;
 
 use crate::config::{Config, Limits};
 use crate::network::HttpClient;
+use crate::security::{self, Security};
 use crate::store::MessageReader;
 use crate::types::{NodeId, Raft};
 
@@ -50,6 +51,8 @@ pub struct AppState {
     pub commit_index: Arc<AtomicU64>,
     /// Serialises membership changes on the leader: one join at a time.
     pub membership_lock: tokio::sync::Mutex<()>,
+    /// The cluster secret and client tokens.
+    pub security: Arc<Security>,
 }
 
 impl AppState {
@@ -60,6 +63,7 @@ impl AppState {
         client: HttpClient,
         shutdown: watch::Receiver<bool>,
         commit_index: Arc<AtomicU64>,
+        security: Arc<Security>,
     ) -> Self {
         AppState {
             node_id: config.node_id,
@@ -72,6 +76,7 @@ impl AppState {
             shutdown,
             commit_index,
             membership_lock: tokio::sync::Mutex::new(()),
+            security,
         }
     }
 
@@ -80,16 +85,18 @@ impl AppState {
     }
 }
 
-/// All routes of the API listener.
+/// All routes of the API listener. Admin and internal paths need the cluster secret
+/// ([`security::is_admin_path`]), checked before any route runs.
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let guard = security::admin_guard(state.security.clone());
     let api = messages::routes(state.clone())
         .or(stream::routes(state.clone()))
         .or(cluster::routes(state.clone()))
         .or(overview::routes(state))
         .or(web::routes());
-    api.recover(recover)
+    guard.and(api).recover(recover)
 }
 
 /// The request body, read up to `max` bytes: a bigger `Content-Length`, or a chunked body that

@@ -1,0 +1,329 @@
+//! Who may do what: the cluster secret that guards the Raft listener, `/join` and every admin
+//! or internal route, and the throttled log of refused attempts.
+//!
+//! The secret travels in [`SECRET_HEADER`] on every request one node sends another (the
+//! shared [`crate::network::HttpClient`] adds it). It is compared through its SHA-256 digest
+//! ([`sha256::matches`]), so the comparison takes the same time whatever was presented.
+
+pub mod sha256;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use warp::http::{HeaderMap, StatusCode};
+use warp::Filter;
+
+use crate::api::ApiError;
+use crate::config::{Config, ConfigError};
+
+/// The header that carries the cluster secret between nodes.
+pub const SECRET_HEADER: &str = "x-chatraftd-cluster-secret";
+
+/// The shortest secret accepted: 16 bytes is already beyond guessing; `openssl rand -hex 32`
+/// gives 64 characters.
+const MIN_SECRET_LEN: usize = 16;
+
+/// A refused attempt is logged at most this often (per kind); the rest are counted and the
+/// count is given in the next line, so a flood cannot fill the journal.
+const DENY_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// The cluster secret as read from its file.
+pub struct ClusterSecret {
+    /// Sent to peers in [`SECRET_HEADER`]; never logged.
+    value: String,
+    digest: [u8; 32],
+}
+
+impl ClusterSecret {
+    /// Reads and checks the secret file: a regular file, mode 0600 or stricter, owned by the
+    /// user running the daemon (or by root, for `--check-config` run as root), holding at
+    /// least 16 bytes after trimming white space at the ends.
+    pub fn load(path: &Path) -> Result<ClusterSecret, String> {
+        let shown = path.display();
+        let meta =
+            std::fs::metadata(path).map_err(|e| format!("{shown}: cannot read the file: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("{shown}: is not a regular file"));
+        }
+        let mode = meta.mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "{shown}: mode {mode:04o} lets other users read the secret; run `chmod 600 {shown}`"
+            ));
+        }
+        let euid = nix::unistd::geteuid().as_raw();
+        if meta.uid() != euid && meta.uid() != 0 {
+            return Err(format!(
+                "{shown}: is owned by uid {}, not by the user running chatraftd (uid {euid})",
+                meta.uid()
+            ));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("{shown}: cannot read the file: {e}"))?;
+        let value = text.trim();
+        if value.len() < MIN_SECRET_LEN {
+            return Err(format!(
+                "{shown}: the secret must be at least {MIN_SECRET_LEN} characters (try `openssl rand -hex 32`)"
+            ));
+        }
+        if value.chars().any(|c| c.is_control() || c == ' ') || !value.is_ascii() {
+            return Err(format!(
+                "{shown}: the secret must be printable ASCII without spaces (it travels in an HTTP header)"
+            ));
+        }
+        Ok(ClusterSecret {
+            value: value.to_string(),
+            digest: sha256::sha256(value.as_bytes()),
+        })
+    }
+
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+
+    fn accepts(&self, presented: &[u8]) -> bool {
+        sha256::matches(presented, &self.digest)
+    }
+}
+
+/// What a node enforces; shared by both listeners and the outgoing client.
+pub struct Security {
+    /// `None` only with `security.allow_insecure_cluster = true`.
+    secret: Option<ClusterSecret>,
+    deny_log: DenyLog,
+}
+
+impl Security {
+    /// Loads what `config` (read from the file `source`) names. Errors name the config
+    /// file, the key and the file the key names.
+    pub fn load(config: &Config, source: &str) -> Result<Security, ConfigError> {
+        let key_error = |key: &str, message: String| ConfigError {
+            source: source.into(),
+            key: key.into(),
+            message,
+        };
+        let s = &config.security;
+        let secret = if s.cluster_secret_file.is_empty() {
+            None
+        } else {
+            Some(
+                ClusterSecret::load(Path::new(&s.cluster_secret_file))
+                    .map_err(|m| key_error("security.cluster_secret_file", m))?,
+            )
+        };
+        Ok(Security {
+            secret,
+            deny_log: DenyLog::default(),
+        })
+    }
+
+    /// No checks at all: for tests of other parts.
+    pub fn open() -> Security {
+        Security {
+            secret: None,
+            deny_log: DenyLog::default(),
+        }
+    }
+
+    /// The secret to send to peers, when there is one.
+    pub fn cluster_secret(&self) -> Option<&str> {
+        self.secret.as_ref().map(ClusterSecret::value)
+    }
+
+    /// True when the request carries the cluster secret, or when no secret is configured.
+    pub fn is_peer(&self, headers: &HeaderMap) -> bool {
+        match &self.secret {
+            None => true,
+            Some(s) => headers
+                .get(SECRET_HEADER)
+                .is_some_and(|v| s.accepts(v.as_bytes())),
+        }
+    }
+
+    /// Refuses a request without the cluster secret with 401, and logs it (throttled).
+    pub fn require_peer(
+        &self,
+        headers: &HeaderMap,
+        what: &str,
+        remote: Option<SocketAddr>,
+    ) -> Result<(), ApiError> {
+        if self.is_peer(headers) {
+            return Ok(());
+        }
+        let reason = if headers.contains_key(SECRET_HEADER) {
+            "wrong cluster secret"
+        } else {
+            "no cluster secret"
+        };
+        self.deny_log.note(what, reason, remote);
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("{what} needs the cluster secret in the {SECRET_HEADER} header"),
+        ))
+    }
+}
+
+/// Paths only members of the cluster and its operators may use: membership changes, routes
+/// between nodes, and anything under the cluster and admin prefixes (routes added there later
+/// are covered without being listed).
+pub fn is_admin_path(path: &str) -> bool {
+    const EXACT: &[&str] = &["/join", "/leave"];
+    const PREFIXES: &[&str] = &["/api/v1/internal/", "/api/v1/cluster/", "/api/v1/admin/"];
+    EXACT.contains(&path.trim_end_matches('/')) || PREFIXES.iter().any(|p| path.starts_with(p))
+}
+
+/// Passes every request, except that an admin path ([`is_admin_path`]) needs the cluster
+/// secret (401 otherwise). Put in front of all API routes.
+pub fn admin_guard(
+    security: Arc<Security>,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::path::full()
+        .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
+        .and_then(
+            move |path: warp::path::FullPath, headers: HeaderMap, remote: Option<SocketAddr>| {
+                let security = security.clone();
+                async move {
+                    if is_admin_path(path.as_str()) {
+                        security
+                            .require_peer(&headers, path.as_str(), remote)
+                            .map_err(warp::reject::custom)?;
+                    }
+                    Ok::<_, warp::Rejection>(())
+                }
+            },
+        )
+        .untuple_one()
+}
+
+/// Needs the cluster secret on every request (the Raft listener).
+pub fn peer_only(
+    security: Arc<Security>,
+) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+    warp::header::headers_cloned()
+        .and(warp::addr::remote())
+        .and_then(move |headers: HeaderMap, remote: Option<SocketAddr>| {
+            let security = security.clone();
+            async move {
+                security
+                    .require_peer(&headers, "Raft RPC", remote)
+                    .map_err(warp::reject::custom)
+            }
+        })
+        .untuple_one()
+}
+
+/// Logs refused requests at most once per [`DENY_LOG_EVERY`], with how many were not logged.
+#[derive(Default)]
+struct DenyLog {
+    /// When the last line was written, and how many refusals came since.
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl DenyLog {
+    fn note(&self, what: &str, reason: &str, remote: Option<SocketAddr>) {
+        let suppressed = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            if st.0.is_some_and(|t| now.duration_since(t) < DENY_LOG_EVERY) {
+                st.1 += 1;
+                return;
+            }
+            let n = st.1;
+            *st = (Some(now), 0);
+            n
+        };
+        let from = remote.map_or("unknown".to_string(), |a| a.to_string());
+        tracing::warn!(
+            what,
+            reason,
+            from = %from,
+            suppressed,
+            "refused a request: {reason} ({suppressed} more refusals not logged since the last line)"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn secret_file(text: &str, mode: u32) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        std::fs::set_permissions(f.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+        f
+    }
+
+    #[test]
+    fn secret_file_is_checked() {
+        let good = secret_file("0123456789abcdef0123\n", 0o600);
+        let s = ClusterSecret::load(good.path()).unwrap();
+        assert_eq!(s.value(), "0123456789abcdef0123");
+        assert!(s.accepts(b"0123456789abcdef0123"));
+        assert!(!s.accepts(b"0123456789abcdef012"));
+        let e = ClusterSecret::load(secret_file("0123456789abcdef0123", 0o644).path())
+            .err()
+            .unwrap();
+        assert!(e.contains("chmod 600"), "{e}");
+        let e = ClusterSecret::load(secret_file("short", 0o600).path())
+            .err()
+            .unwrap();
+        assert!(e.contains("at least 16"), "{e}");
+        let e = ClusterSecret::load(Path::new("/nonexistent/secret"))
+            .err()
+            .unwrap();
+        assert!(e.contains("/nonexistent/secret"), "{e}");
+    }
+
+    #[test]
+    fn admin_paths() {
+        for p in [
+            "/join",
+            "/join/",
+            "/leave",
+            "/api/v1/internal/read-index",
+            "/api/v1/cluster/nodes/3",
+            "/api/v1/admin/backup",
+        ] {
+            assert!(is_admin_path(p), "{p}");
+        }
+        for p in [
+            "/api/v1/cluster",
+            "/api/v1/clusterx",
+            "/api/v1/message",
+            "/api/v1/status",
+            "/joined",
+            "/",
+        ] {
+            assert!(!is_admin_path(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn peers_need_the_secret() {
+        let f = secret_file("0123456789abcdef0123", 0o600);
+        let sec = Security {
+            secret: Some(ClusterSecret::load(f.path()).unwrap()),
+            deny_log: DenyLog::default(),
+        };
+        let mut h = HeaderMap::new();
+        assert_eq!(
+            sec.require_peer(&h, "test", None).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        h.insert(
+            SECRET_HEADER,
+            "wrong-secret-of-some-length".parse().unwrap(),
+        );
+        assert!(sec.require_peer(&h, "test", None).is_err());
+        h.insert(SECRET_HEADER, "0123456789abcdef0123".parse().unwrap());
+        assert!(sec.require_peer(&h, "test", None).is_ok());
+        assert!(Security::open().is_peer(&HeaderMap::new()));
+    }
+}
