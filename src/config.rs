@@ -97,6 +97,9 @@ pub struct SecurityConfig {
     /// Lets a node run without a cluster secret: anyone who reaches its ports can then join
     /// the cluster or forge Raft traffic. Off unless set on purpose.
     pub allow_insecure_cluster: bool,
+    /// A TOML file of client tokens (hashed); empty: the client API needs no token.
+    /// Re-read on SIGHUP.
+    pub tokens_file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,6 +142,7 @@ impl Default for Config {
             security: SecurityConfig {
                 cluster_secret_file: "/etc/chatraftd/cluster-secret".into(),
                 allow_insecure_cluster: false,
+                tokens_file: String::new(),
             },
             log: LogConfig {
                 level: "info".into(),

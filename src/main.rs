@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     };
     let reload = {
         let _context = runtime.enter();
-        sys::reload_on_sighup(path, config.clone(), log)
+        sys::reload_on_sighup(path, config.clone(), log, security.clone())
     };
     runtime.spawn(reload);
     match runtime.block_on(server::run(config, security, sys::stop_signal())) {

@@ -214,3 +214,220 @@ async fn unsafe_secret_files_stop_the_start() {
         "{stderr}"
     );
 }
+
+/// The hex SHA-256 of `token`, as `sha256sum` prints it.
+fn sha256_hex(token: &str) -> String {
+    let out = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(token.as_bytes())?;
+            c.wait_with_output()
+        })
+        .expect("running sha256sum");
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+fn tokens_toml(entries: &[(&str, &str, &str)]) -> String {
+    entries
+        .iter()
+        .map(|(name, token, rest)| {
+            format!(
+                "[[token]]\nname = {name:?}\nsha256 = {:?}\n{rest}\n",
+                sha256_hex(token)
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_limit_conversations_scopes_and_sender() {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let tokens_file = dir.path().join("tokens.toml");
+    std::fs::write(
+        &tokens_file,
+        tokens_toml(&[
+            (
+                "general-only",
+                "tok-general",
+                "scopes = [\"read\", \"write\"]\nconversations = [\"general\"]",
+            ),
+            ("reader", "tok-reader", "scopes = [\"read\"]"),
+            (
+                "alice",
+                "tok-alice",
+                "scopes = [\"read\", \"write\"]\nsender = \"alice\"",
+            ),
+        ]),
+    )
+    .unwrap();
+    let c = Cluster::start(Options {
+        security_toml: format!("tokens_file = {:?}", tokens_file.display().to_string()),
+        ..Options::nodes(2)
+    })
+    .await;
+    let out = c.outsider();
+    let as_token = |t: &str| out.with_header("authorization", &format!("Bearer {t}"));
+    let general = as_token("tok-general");
+    let reader = as_token("tok-reader");
+    let alice = as_token("tok-alice");
+    let follower = c.others(c.leader().await)[0];
+
+    // Writes through a follower exercise the forwarding to the leader too.
+    for id in c.ids() {
+        let msg =
+            |conv: &str, sender: &str| json!({"conv_id": conv, "sender": sender, "payload": "x"});
+        let code = |r: Result<common::Response, String>| r.expect("an answer").code();
+        // No token, an unknown one: 401 on every client route.
+        for http in [&out, &as_token("tok-unknown")] {
+            assert_eq!(
+                code(common::post_message(http, c.api(id), &msg("general", "a")).await),
+                401
+            );
+            for path in [
+                "/api/v1/messages?conv_id=general",
+                "/api/v1/conversations",
+                "/api/v1/stream?conv_id=general",
+                "/api/v1/status",
+            ] {
+                assert_eq!(code(http.get(c.api(id), path).await), 401, "{path}");
+            }
+        }
+        // Health stays open.
+        assert_eq!(code(out.get(c.api(id), "/healthz").await), 200);
+
+        // A token limited to "general" reads and writes it, and nothing else.
+        assert_eq!(
+            code(common::post_message(&general, c.api(id), &msg("general", "g")).await),
+            201
+        );
+        let r = common::post_message(&general, c.api(id), &msg("secret-room", "g"))
+            .await
+            .unwrap();
+        assert_eq!(r.code(), 403, "{}", r.text());
+        assert_eq!(r.error_code().as_deref(), Some("forbidden"));
+        assert_eq!(
+            code(
+                general
+                    .get(c.api(id), "/api/v1/messages?conv_id=general")
+                    .await
+            ),
+            200
+        );
+        assert_eq!(
+            code(
+                general
+                    .get(c.api(id), "/api/v1/messages?conv_id=secret-room")
+                    .await
+            ),
+            403
+        );
+        assert_eq!(
+            code(
+                general
+                    .get(c.api(id), "/api/v1/stream?conv_id=secret-room")
+                    .await
+            ),
+            403
+        );
+        // The cookie works like the header (for EventSource).
+        let by_cookie = out.with_header("cookie", "theme=dark; chatraftd_token=tok-general");
+        assert_eq!(
+            code(
+                by_cookie
+                    .get(c.api(id), "/api/v1/messages?conv_id=general")
+                    .await
+            ),
+            200
+        );
+        assert_eq!(
+            code(
+                by_cookie
+                    .get(c.api(id), "/api/v1/messages?conv_id=secret-room")
+                    .await
+            ),
+            403
+        );
+
+        // A read-only token cannot write.
+        assert_eq!(
+            code(common::post_message(&reader, c.api(id), &msg("general", "r")).await),
+            403
+        );
+        assert_eq!(
+            code(
+                reader
+                    .get(c.api(id), "/api/v1/messages?conv_id=secret-room")
+                    .await
+            ),
+            200
+        );
+
+        // Sender binding.
+        assert_eq!(
+            code(common::post_message(&alice, c.api(id), &msg("secret-room", "alice")).await),
+            201
+        );
+        let r = common::post_message(&alice, c.api(id), &msg("secret-room", "mallory"))
+            .await
+            .unwrap();
+        assert_eq!(r.code(), 403, "{}", r.text());
+        assert!(r.text().contains("alice"), "{}", r.text());
+    }
+    // The listing shows a limited token only its conversations.
+    let r = general
+        .get(c.api(follower), "/api/v1/conversations")
+        .await
+        .unwrap();
+    let listing = r.json();
+    let convs: Vec<&str> = listing["conversations"]
+        .as_array()
+        .expect("a conversations array")
+        .iter()
+        .filter_map(|c| c["conv_id"].as_str())
+        .collect();
+    assert_eq!(convs, ["general"], "{listing}");
+    // Refused writes changed nothing: secret-room holds only alice's two messages.
+    let records = c
+        .wait_same_messages(&c.ids(), "secret-room", 2, Duration::from_secs(10))
+        .await;
+    assert_eq!(records.len(), 2);
+    assert!(records.iter().all(|r| r["sender"] == "alice"));
+
+    // SIGHUP re-reads the tokens file: the reader token is revoked, a new one works.
+    std::fs::write(
+        &tokens_file,
+        tokens_toml(&[("newcomer", "tok-new", "scopes = [\"read\"]")]),
+    )
+    .unwrap();
+    for id in c.ids() {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.node(id).pid().unwrap() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+    }
+    for id in c.ids() {
+        let addr = c.api(id).to_string();
+        let (reader, newcomer) = (reader.clone(), as_token("tok-new"));
+        common::wait_until(
+            "the tokens file to be reloaded",
+            Duration::from_secs(10),
+            || {
+                let (addr, reader, newcomer) = (addr.clone(), reader.clone(), newcomer.clone());
+                async move {
+                    let old = reader.get(&addr, "/api/v1/conversations").await?.code();
+                    let new = newcomer.get(&addr, "/api/v1/conversations").await?.code();
+                    if (old, new) == (401, 200) {
+                        Ok(())
+                    } else {
+                        Err(format!("old token {old}, new token {new}"))
+                    }
+                }
+            },
+        )
+        .await;
+    }
+}

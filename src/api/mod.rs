@@ -23,6 +23,7 @@ use warp::http::StatusCode;
 use warp::{Filter, Reply};
 
 pub use error::ApiError;
+pub use messages::check_conv_id;
 
 use crate::config::{Config, Limits};
 use crate::network::HttpClient;
@@ -90,7 +91,7 @@ impl AppState {
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
-    let guard = security::admin_guard(state.security.clone());
+    let guard = security::guard(state.security.clone());
     let api = messages::routes(state.clone())
         .or(stream::routes(state.clone()))
         .or(cluster::routes(state.clone()))

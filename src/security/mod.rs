@@ -6,11 +6,12 @@
 //! ([`sha256::matches`]), so the comparison takes the same time whatever was presented.
 
 pub mod sha256;
+pub mod tokens;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use warp::http::{HeaderMap, StatusCode};
@@ -18,6 +19,11 @@ use warp::Filter;
 
 use crate::api::ApiError;
 use crate::config::{Config, ConfigError};
+use tokens::{Token, Tokens};
+
+/// The cookie that may carry a client token, for clients that cannot set headers
+/// (a browser's `EventSource`).
+pub const TOKEN_COOKIE: &str = "chatraftd_token";
 
 /// The header that carries the cluster secret between nodes.
 pub const SECRET_HEADER: &str = "x-chatraftd-cluster-secret";
@@ -93,7 +99,69 @@ impl ClusterSecret {
 pub struct Security {
     /// `None` only with `security.allow_insecure_cluster = true`.
     secret: Option<ClusterSecret>,
+    /// The tokens file; `None` when client tokens are off.
+    tokens_path: Option<PathBuf>,
+    /// Its current contents, swapped whole by a reload.
+    tokens: RwLock<Option<Arc<Tokens>>>,
     deny_log: DenyLog,
+}
+
+/// What a client request may do.
+#[derive(Debug, Clone)]
+pub enum Access {
+    /// Everything: tokens are off, or the request carries the cluster secret (another node
+    /// forwarding a client's request it has checked already, or an operator).
+    Full,
+    Token(Token),
+}
+
+impl Access {
+    /// 403 unless the token may read `conv_id`.
+    pub fn check_read(&self, conv_id: &str) -> Result<(), ApiError> {
+        match self {
+            Access::Full => Ok(()),
+            Access::Token(t) if !t.read => Err(forbidden(&t.name, "may not read")),
+            Access::Token(t) if !t.may_use(conv_id) => Err(forbidden(
+                &t.name,
+                &format!("may not use conversation {conv_id:?}"),
+            )),
+            Access::Token(_) => Ok(()),
+        }
+    }
+
+    /// 403 unless the token may write to `conv_id` as `sender`.
+    pub fn check_write(&self, conv_id: &str, sender: &str) -> Result<(), ApiError> {
+        match self {
+            Access::Full => Ok(()),
+            Access::Token(t) if !t.write => Err(forbidden(&t.name, "may not write")),
+            Access::Token(t) if !t.may_use(conv_id) => Err(forbidden(
+                &t.name,
+                &format!("may not use conversation {conv_id:?}"),
+            )),
+            Access::Token(t) => match &t.sender {
+                Some(bound) if bound != sender => {
+                    Err(forbidden(&t.name, &format!("may only send as {bound:?}")))
+                }
+                _ => Ok(()),
+            },
+        }
+    }
+
+    /// Whether a listing may show `conv_id`.
+    pub fn sees(&self, conv_id: &str) -> bool {
+        match self {
+            Access::Full => true,
+            Access::Token(t) => t.read && t.may_use(conv_id),
+        }
+    }
+}
+
+fn forbidden(name: &str, what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("token {name:?} {what}"),
+    )
 }
 
 impl Security {
@@ -114,8 +182,17 @@ impl Security {
                     .map_err(|m| key_error("security.cluster_secret_file", m))?,
             )
         };
+        let tokens_path = (!s.tokens_file.is_empty()).then(|| PathBuf::from(&s.tokens_file));
+        let tokens = match &tokens_path {
+            None => None,
+            Some(p) => Some(Arc::new(
+                Tokens::load(p).map_err(|m| key_error("security.tokens_file", m))?,
+            )),
+        };
         Ok(Security {
             secret,
+            tokens_path,
+            tokens: RwLock::new(tokens),
             deny_log: DenyLog::default(),
         })
     }
@@ -124,8 +201,59 @@ impl Security {
     pub fn open() -> Security {
         Security {
             secret: None,
+            tokens_path: None,
+            tokens: RwLock::new(None),
             deny_log: DenyLog::default(),
         }
+    }
+
+    /// Re-reads the tokens file (on SIGHUP). A file that does not load is reported and the
+    /// tokens in use stay.
+    pub fn reload_tokens(&self) {
+        let Some(path) = &self.tokens_path else {
+            return;
+        };
+        match Tokens::load(path) {
+            Ok(t) => {
+                tracing::info!(tokens = t.len(), path = %path.display(), "reload: tokens file applied");
+                *self.tokens.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(t));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "reload: tokens file not applied; the old tokens stay")
+            }
+        }
+    }
+
+    /// What a client request may do: 401 when tokens are on and it presents none that is
+    /// known. The token comes from `Authorization: Bearer ...` or the [`TOKEN_COOKIE`] cookie.
+    pub fn access(
+        &self,
+        headers: &HeaderMap,
+        remote: Option<SocketAddr>,
+    ) -> Result<Access, ApiError> {
+        let tokens = self
+            .tokens
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(tokens) = tokens else {
+            return Ok(Access::Full);
+        };
+        if self.secret.is_some() && self.is_peer(headers) {
+            return Ok(Access::Full);
+        }
+        let presented = presented_token(headers);
+        let reason = match presented.as_deref().map(|p| tokens.find(p.as_bytes())) {
+            Some(Some(t)) => return Ok(Access::Token(t.clone())),
+            Some(None) => "unknown client token",
+            None => "no client token",
+        };
+        self.deny_log.note("client API", reason, remote);
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("{reason}: send `Authorization: Bearer TOKEN` (or the {TOKEN_COOKIE} cookie)"),
+        ))
     }
 
     /// The secret to send to peers, when there is one.
@@ -176,22 +304,78 @@ pub fn is_admin_path(path: &str) -> bool {
     EXACT.contains(&path.trim_end_matches('/')) || PREFIXES.iter().any(|p| path.starts_with(p))
 }
 
+/// The token a request presents: `Authorization: Bearer TOKEN`, else the [`TOKEN_COOKIE`]
+/// cookie.
+fn presented_token(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get(warp::http::header::AUTHORIZATION) {
+        let v = v.to_str().ok()?;
+        let (scheme, token) = v.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string());
+    }
+    headers
+        .get_all(warp::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == TOKEN_COOKIE).then(|| v.to_string())
+        })
+}
+
+/// Client paths that need a token when tokens are on, and whether a POST there writes.
+fn is_client_path(path: &str) -> bool {
+    const CLIENT: &[&str] = &[
+        "/api/v1/message",
+        "/api/v1/messages",
+        "/api/v1/stream",
+        "/api/v1/conversations",
+        "/api/v1/status",
+        "/api/v1/cluster",
+    ];
+    CLIENT.contains(&path.trim_end_matches('/'))
+}
+
 /// Passes every request, except that an admin path ([`is_admin_path`]) needs the cluster
-/// secret (401 otherwise). Put in front of all API routes.
-pub fn admin_guard(
+/// secret, and, when client tokens are on, a client path needs a token with the read scope
+/// (GET) or the write scope (other methods): 401 without a known token, 403 without the
+/// scope. Conversation and sender limits are checked by the handlers, which know them.
+/// Put in front of all API routes.
+pub fn guard(
     security: Arc<Security>,
 ) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
     warp::path::full()
+        .and(warp::method())
         .and(warp::header::headers_cloned())
         .and(warp::addr::remote())
         .and_then(
-            move |path: warp::path::FullPath, headers: HeaderMap, remote: Option<SocketAddr>| {
+            move |path: warp::path::FullPath,
+                  method: warp::http::Method,
+                  headers: HeaderMap,
+                  remote: Option<SocketAddr>| {
                 let security = security.clone();
                 async move {
-                    if is_admin_path(path.as_str()) {
+                    let path = path.as_str();
+                    if is_admin_path(path) {
                         security
-                            .require_peer(&headers, path.as_str(), remote)
+                            .require_peer(&headers, path, remote)
                             .map_err(warp::reject::custom)?;
+                    } else if is_client_path(path) {
+                        let access = security
+                            .access(&headers, remote)
+                            .map_err(warp::reject::custom)?;
+                        if let Access::Token(t) = access {
+                            let (ok, what) = if method == warp::http::Method::GET {
+                                (t.read, "may not read")
+                            } else {
+                                (t.write, "may not write")
+                            };
+                            if !ok {
+                                return Err(warp::reject::custom(forbidden(&t.name, what)));
+                            }
+                        }
                     }
                     Ok::<_, warp::Rejection>(())
                 }
@@ -310,7 +494,7 @@ mod tests {
         let f = secret_file("0123456789abcdef0123", 0o600);
         let sec = Security {
             secret: Some(ClusterSecret::load(f.path()).unwrap()),
-            deny_log: DenyLog::default(),
+            ..Security::open()
         };
         let mut h = HeaderMap::new();
         assert_eq!(
