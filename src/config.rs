@@ -86,6 +86,12 @@ pub struct Limits {
     pub max_vector_clock_entries: usize,
     /// The largest page `GET /api/v1/messages` returns.
     pub max_page: usize,
+    /// Writes per second each client address may send (429 above it).
+    pub write_rate_per_sec: u32,
+    /// Writes a client address may send at once after a pause.
+    pub write_burst: u32,
+    /// `/join` refuses a new node when the cluster has this many members.
+    pub max_cluster_size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,6 +144,9 @@ impl Default for Config {
                 max_sender_bytes: 256,
                 max_vector_clock_entries: 64,
                 max_page: 1_000,
+                write_rate_per_sec: 100,
+                write_burst: 200,
+                max_cluster_size: 9,
             },
             security: SecurityConfig {
                 cluster_secret_file: "/etc/chatraftd/cluster-secret".into(),
@@ -276,6 +285,12 @@ impl Config {
             return Err(err(
                 "limits",
                 "max_payload_bytes, max_sender_bytes and max_page must be above 0".into(),
+            ));
+        }
+        if l.write_rate_per_sec == 0 || l.write_burst == 0 || l.max_cluster_size == 0 {
+            return Err(err(
+                "limits",
+                "write_rate_per_sec, write_burst and max_cluster_size must be above 0".into(),
             ));
         }
         if l.max_body_bytes < l.max_payload_bytes as u64 {

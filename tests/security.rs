@@ -431,3 +431,67 @@ async fn tokens_limit_conversations_scopes_and_sender() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn write_rate_and_cluster_size_limits() {
+    let c = Cluster::start(Options {
+        limits_toml: "write_rate_per_sec = 1\nwrite_burst = 3\nmax_cluster_size = 2".into(),
+        ..Options::nodes(2)
+    })
+    .await;
+    let client = c.outsider();
+    let leader = c.leader().await;
+    let msg = json!({"sender": "flood", "payload": "x"});
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let r = common::post_message(&client, c.api(leader), &msg)
+            .await
+            .expect("an answer");
+        if r.code() == 429 {
+            assert_eq!(r.error_code().as_deref(), Some("rate_limited"));
+            let secs: u64 = r
+                .header("retry-after")
+                .expect("Retry-After on 429")
+                .parse()
+                .unwrap();
+            assert!((1..=2).contains(&secs), "Retry-After {secs}");
+        }
+        codes.push(r.code());
+    }
+    assert_eq!(&codes[..3], [201, 201, 201], "{codes:?}");
+    assert!(codes[3..].iter().all(|&c| c == 429), "{codes:?}");
+    // The node keeps serving: reads work, and the other node takes writes (each node has
+    // its own buckets; the copy it forwards to the leader carries the cluster secret and is
+    // not counted again).
+    let follower = c.others(leader)[0];
+    let r = common::post_message(&client, c.api(follower), &msg)
+        .await
+        .expect("an answer");
+    assert_eq!(r.code(), 201, "{}", r.text());
+    let r = client
+        .get(c.api(leader), "/api/v1/messages?conv_id=general")
+        .await
+        .expect("an answer");
+    assert_eq!(r.code(), 200);
+    assert_eq!(r.json()["messages"].as_array().unwrap().len(), 4);
+
+    // The cluster is full at two members: a third node is refused, membership unchanged.
+    let before = c.status(leader).await.unwrap()["members"].clone();
+    let third =
+        json!({"node_id": 3, "raft_addr": common::free_addr(), "api_addr": common::free_addr()});
+    for id in c.ids() {
+        let r = c
+            .http
+            .post_json(c.api(id), "/join", &third)
+            .await
+            .expect("an answer");
+        assert_eq!(r.code(), 409, "{}", r.text());
+        assert_eq!(
+            r.error_code().as_deref(),
+            Some("cluster_full"),
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(c.status(leader).await.unwrap()["members"], before);
+}

@@ -29,6 +29,7 @@ pub fn routes(
         .and(warp::post())
         .and(with_state(state.clone()))
         .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
         .and(limited_body(max_body))
         .then(post_message);
     let history = warp::path!("api" / "v1" / "messages")
@@ -226,9 +227,23 @@ fn validate(headers: &HeaderMap, body: &[u8], limits: &Limits) -> Result<Validat
 async fn post_message(
     state: Arc<AppState>,
     headers: HeaderMap,
+    remote: Option<std::net::SocketAddr>,
     body: Bytes,
 ) -> warp::reply::Response {
     let forwarded = headers.contains_key(FORWARDED_HEADER);
+    // Peers forwarding a write are not limited: the node the client reached counted it.
+    if let Some(addr) = remote.filter(|_| !state.security.is_secret_holder(&headers)) {
+        if let Err(secs) = state.write_rate.check(addr.ip()) {
+            return reply_json::<()>(Err(ApiError {
+                retry_after: Some(secs),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many writes from this address (limits.write_rate_per_sec)",
+                )
+            }));
+        }
+    }
     let result = match validate(&headers, &body, &state.limits).and_then(|msg| {
         state
             .security

@@ -54,6 +54,8 @@ pub struct AppState {
     pub membership_lock: tokio::sync::Mutex<()>,
     /// The cluster secret and client tokens.
     pub security: Arc<Security>,
+    /// The per-address write rate (`limits.write_rate_per_sec`, `limits.write_burst`).
+    pub write_rate: security::rate::RateLimiter,
 }
 
 impl AppState {
@@ -78,6 +80,10 @@ impl AppState {
             commit_index,
             membership_lock: tokio::sync::Mutex::new(()),
             security,
+            write_rate: security::rate::RateLimiter::new(
+                config.limits.write_rate_per_sec,
+                config.limits.write_burst,
+            ),
         }
     }
 

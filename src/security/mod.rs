@@ -5,6 +5,7 @@
 //! shared [`crate::network::HttpClient`] adds it). It is compared through its SHA-256 digest
 //! ([`sha256::matches`]), so the comparison takes the same time whatever was presented.
 
+pub mod rate;
 pub mod sha256;
 pub mod tokens;
 
@@ -269,6 +270,11 @@ impl Security {
                 .get(SECRET_HEADER)
                 .is_some_and(|v| s.accepts(v.as_bytes())),
         }
+    }
+
+    /// True when a cluster secret is configured and the request carries it.
+    pub fn is_secret_holder(&self, headers: &HeaderMap) -> bool {
+        self.secret.is_some() && self.is_peer(headers)
     }
 
     /// Refuses a request without the cluster secret with 401, and logs it (throttled).
