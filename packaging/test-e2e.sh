@@ -178,9 +178,13 @@ on h1 systemd-analyze verify chatraftd.service 2>&1 | tee "$work/verify.log"
 score=$(on h1 systemd-analyze security chatraftd.service --no-pager | tail -n 1)
 log "systemd-analyze security: $score"
 
-# Each host is configured only by editing its config file. $1 host, $2 node id, $3 role line.
+# Each host is configured only by editing its config file, plus the cluster secret every
+# host shares. $1 host, $2 node id, $3 role line.
+cluster_secret=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 configure() {
     local h=$1 id=$2 role=$3
+    on "$h" sh -c "umask 077; printf '%s\n' '$cluster_secret' > /etc/chatraftd/cluster-secret \
+        && chown chatraftd:chatraftd /etc/chatraftd/cluster-secret"
     on "$h" sed -i \
         -e "s/^node_id = .*/node_id = $id/" \
         -e "s/^${role%% =*} = .*/$role/" \

@@ -37,6 +37,7 @@ pub struct Config {
     pub api: ApiConfig,
     pub raft: RaftConfig,
     pub limits: Limits,
+    pub security: SecurityConfig,
     pub log: LogConfig,
 }
 
@@ -85,6 +86,26 @@ pub struct Limits {
     pub max_vector_clock_entries: usize,
     /// The largest page `GET /api/v1/messages` returns.
     pub max_page: usize,
+    /// Writes per second each client address may send (429 above it).
+    pub write_rate_per_sec: u32,
+    /// Writes a client address may send at once after a pause.
+    pub write_burst: u32,
+    /// `/join` refuses a new node when the cluster has this many members.
+    pub max_cluster_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// A file holding the shared cluster secret, which every Raft RPC, `/join` and every
+    /// admin or internal route must present. Mode 0600 or stricter; checked at start.
+    pub cluster_secret_file: String,
+    /// Lets a node run without a cluster secret: anyone who reaches its ports can then join
+    /// the cluster or forge Raft traffic. Off unless set on purpose.
+    pub allow_insecure_cluster: bool,
+    /// A TOML file of client tokens (hashed); empty: the client API needs no token.
+    /// Re-read on SIGHUP.
+    pub tokens_file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -123,6 +144,14 @@ impl Default for Config {
                 max_sender_bytes: 256,
                 max_vector_clock_entries: 64,
                 max_page: 1_000,
+                write_rate_per_sec: 100,
+                write_burst: 200,
+                max_cluster_size: 9,
+            },
+            security: SecurityConfig {
+                cluster_secret_file: "/etc/chatraftd/cluster-secret".into(),
+                allow_insecure_cluster: false,
+                tokens_file: String::new(),
             },
             log: LogConfig {
                 level: "info".into(),
@@ -258,10 +287,25 @@ impl Config {
                 "max_payload_bytes, max_sender_bytes and max_page must be above 0".into(),
             ));
         }
+        if l.write_rate_per_sec == 0 || l.write_burst == 0 || l.max_cluster_size == 0 {
+            return Err(err(
+                "limits",
+                "write_rate_per_sec, write_burst and max_cluster_size must be above 0".into(),
+            ));
+        }
         if l.max_body_bytes < l.max_payload_bytes as u64 {
             return Err(err(
                 "limits.max_body_bytes",
                 "must be at least limits.max_payload_bytes".into(),
+            ));
+        }
+        if self.security.cluster_secret_file.is_empty() && !self.security.allow_insecure_cluster {
+            return Err(err(
+                "security.cluster_secret_file",
+                "is empty: without a cluster secret anyone who reaches this node can join the \
+                 cluster or forge Raft traffic; name a secret file, or set \
+                 `security.allow_insecure_cluster = true` to run without one on purpose"
+                    .into(),
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
@@ -435,6 +479,16 @@ mod tests {
             assert_eq!(c.api_advertise(), format!("127.0.0.1:{}", 8080 + i));
             assert_eq!(c.raft_advertise(), format!("127.0.0.1:{}", 12000 + i));
         }
+    }
+
+    #[test]
+    fn no_secret_needs_the_explicit_opt_out() {
+        let no_secret = format!("{MINIMAL}[security]\ncluster_secret_file = \"\"\n");
+        let e = load_str(&no_secret).unwrap_err();
+        assert_eq!(e.key, "security.cluster_secret_file");
+        assert!(e.to_string().contains("allow_insecure_cluster"), "{e}");
+        let c = load_str(&format!("{no_secret}allow_insecure_cluster = true\n")).unwrap();
+        assert!(c.security.allow_insecure_cluster);
     }
 
     #[test]

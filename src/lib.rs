@@ -8,6 +8,7 @@
 //! - [`network`]: Raft RPC over HTTP, client and server side, and the shared HTTP client.
 //! - [`api`]: the client HTTP API: messages, stream, history, join, status, health, the
 //!   cluster overview, and the web page (`api/web/`, compiled into the binary).
+//! - [`security`]: the cluster secret, client tokens, and who may use which route.
 //! - [`server`]: wiring of one node, bootstrap and join, ordered shutdown.
 //! - [`sys`]: logging and signals.
 //! - [`local_cluster`]: the `local-cluster` subcommand.
@@ -18,6 +19,7 @@ pub mod chaos;
 pub mod config;
 pub mod local_cluster;
 pub mod network;
+pub mod security;
 pub mod server;
 pub mod store;
 pub mod sys;

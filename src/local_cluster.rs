@@ -27,7 +27,14 @@ pub struct Args {
     raft_port: u16,
 }
 
-fn node_config(dir: &Path, id: u16, api_port: u16, raft_port: u16, node1_api: &str) -> String {
+fn node_config(
+    dir: &Path,
+    id: u16,
+    api_port: u16,
+    raft_port: u16,
+    node1_api: &str,
+    secret_file: &Path,
+) -> String {
     let start = if id == 1 {
         "bootstrap = true".to_string()
     } else {
@@ -39,8 +46,10 @@ fn node_config(dir: &Path, id: u16, api_port: u16, raft_port: u16, node1_api: &s
          data_dir = \"{}\"\n\
          {start}\n\n\
          [api]\nlisten = \"127.0.0.1:{api_port}\"\n\n\
-         [raft]\nlisten = \"127.0.0.1:{raft_port}\"\n",
-        dir.display()
+         [raft]\nlisten = \"127.0.0.1:{raft_port}\"\n\n\
+         [security]\ncluster_secret_file = \"{}\"\n",
+        dir.display(),
+        secret_file.display()
     )
 }
 
@@ -73,6 +82,19 @@ async fn run_async(args: Args) -> ExitCode {
         return ExitCode::from(2);
     }
     let node1_api = format!("127.0.0.1:{}", args.api_port);
+    let secret_file = match std::fs::create_dir_all(&args.dir)
+        .and_then(|_| std::path::absolute(args.dir.join("cluster-secret")))
+        .and_then(|p| crate::security::ensure_secret_file(&p).map(|_| p))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!(
+                "chatraftd: cannot write the cluster secret in {}: {e}",
+                args.dir.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
     let mut children: Vec<(u16, Child)> = Vec::new();
     for i in 0..args.nodes {
         let id = i + 1;
@@ -92,6 +114,7 @@ async fn run_async(args: Args) -> ExitCode {
             args.api_port + i,
             args.raft_port + i,
             &node1_api,
+            &secret_file,
         );
         if let Err(e) = std::fs::write(&config_path, text) {
             eprintln!("chatraftd: cannot write {}: {e}", config_path.display());

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use chatraftd::config::{self, Config};
+use chatraftd::security::Security;
 use chatraftd::{local_cluster, server, sys};
 
 #[derive(Parser)]
@@ -52,6 +53,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let security = match Security::load(&config, &path.display().to_string()) {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(e) => {
+            eprintln!("chatraftd: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let log = sys::init_logging(&config.log.level, config.node_id);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -65,10 +73,10 @@ fn main() -> ExitCode {
     };
     let reload = {
         let _context = runtime.enter();
-        sys::reload_on_sighup(path, config.clone(), log)
+        sys::reload_on_sighup(path, config.clone(), log, security.clone())
     };
     runtime.spawn(reload);
-    match runtime.block_on(server::run(config, sys::stop_signal())) {
+    match runtime.block_on(server::run(config, security, sys::stop_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -80,7 +88,7 @@ fn main() -> ExitCode {
 
 fn check_config(cli_path: Option<PathBuf>) -> ExitCode {
     let path = config::resolve_path(cli_path.as_deref());
-    match Config::load(&path) {
+    match Config::load(&path).and_then(|c| Security::load(&c, &path.display().to_string())) {
         Ok(_) => {
             println!("config OK: {}", path.display());
             ExitCode::SUCCESS

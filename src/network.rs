@@ -30,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use warp::Filter;
 
+use crate::security::{self, Security, SECRET_HEADER};
 use crate::types::{Node, NodeId, Raft, TypeConfig};
 
 /// The one HTTP client of a node: keep-alive connections to peers are pooled and reused by
@@ -37,6 +38,9 @@ use crate::types::{Node, NodeId, Raft, TypeConfig};
 #[derive(Clone)]
 pub struct HttpClient {
     inner: Client<HttpConnector, Full<Bytes>>,
+    /// Sent in [`SECRET_HEADER`] on every request: every request a node sends goes to
+    /// another member (Raft RPC, forwarded writes and joins, read-index, status).
+    cluster_secret: Option<Arc<str>>,
 }
 
 /// A failed HTTP exchange: either no answer at all, or an answer that was not the expected one.
@@ -72,7 +76,16 @@ impl HttpClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(64)
             .build(connector);
-        HttpClient { inner }
+        HttpClient {
+            inner,
+            cluster_secret: None,
+        }
+    }
+
+    /// The same client, presenting `secret` to peers.
+    pub fn with_cluster_secret(mut self, secret: Option<&str>) -> Self {
+        self.cluster_secret = secret.map(Arc::from);
+        self
     }
 
     /// Sends one request to `http://{addr}{path}` and reads the whole answer within `timeout`.
@@ -89,6 +102,9 @@ impl HttpClient {
         let mut builder = hyper::Request::builder().method(method).uri(&uri);
         for (k, v) in headers {
             builder = builder.header(*k, *v);
+        }
+        if let Some(secret) = &self.cluster_secret {
+            builder = builder.header(SECRET_HEADER, &**secret);
         }
         let req = builder
             .body(Full::new(body))
@@ -299,9 +315,12 @@ fn decode_snapshot_chunk(mut body: Bytes) -> Result<InstallSnapshotRequest<TypeC
 /// The largest Raft RPC body accepted: a full append-entries batch or snapshot chunk.
 const MAX_RPC_BODY: u64 = 64 * 1024 * 1024;
 
-/// Routes of the Raft listener: `POST /raft/{vote,append,snapshot}`.
+/// Routes of the Raft listener: `POST /raft/{vote,append,snapshot}`. Every request must
+/// carry the cluster secret; one without it is answered 401 before its body is read, so a
+/// forged RPC never reaches Raft.
 pub fn raft_routes(
     raft: Raft,
+    security: Arc<Security>,
 ) -> impl Filter<Extract = (impl warp::Reply,), Error = std::convert::Infallible> + Clone {
     let with_raft = warp::any().map(move || raft.clone());
     let body = warp::body::content_length_limit(MAX_RPC_BODY).and(warp::body::bytes());
@@ -334,10 +353,15 @@ pub fn raft_routes(
             }
         });
 
-    warp::post()
+    security::peer_only(security)
+        .and(warp::post())
         .and(vote.or(append).unify().or(snapshot).unify())
-        .recover(|_rejection: warp::Rejection| async {
-            Ok::<_, std::convert::Infallible>(bad_rpc("no such Raft RPC".into()))
+        .recover(|rejection: warp::Rejection| async move {
+            let resp = match rejection.find::<crate::api::ApiError>() {
+                Some(e) => warp::Reply::into_response(e.clone()),
+                None => bad_rpc("no such Raft RPC".into()),
+            };
+            Ok::<_, std::convert::Infallible>(resp)
         })
 }
 

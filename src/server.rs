@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::api::{self, AppState};
 use crate::config::Config;
 use crate::network::{self, HttpClient, Network};
+use crate::security::Security;
 use crate::store;
 use crate::sys;
 use crate::types::{Node, NodeId, Raft};
@@ -113,8 +114,10 @@ async fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListen
 }
 
 /// Runs the node until `stop` resolves (a signal) or Raft fails. Returns Ok on a clean stop.
+/// `security` was loaded from `config` by the caller, which also hands it to the reload path.
 pub async fn run(
     config: Config,
+    security: Arc<Security>,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let _lock = lock_data_dir(&config.data_dir)?;
@@ -126,7 +129,13 @@ pub async fn run(
         .map_err(|e| ServerError::Raft(e.to_string()))?;
     let commit_index = log_store.commit_index_handle();
 
-    let client = HttpClient::new();
+    if security.cluster_secret().is_none() {
+        tracing::warn!(
+            "running WITHOUT a cluster secret (security.allow_insecure_cluster = true): anyone who \
+             reaches the Raft or API port can join the cluster or forge Raft traffic"
+        );
+    }
+    let client = HttpClient::new().with_cluster_secret(security.cluster_secret());
     let raft = Raft::new(
         config.node_id,
         raft_config(&config)?,
@@ -148,10 +157,11 @@ pub async fn run(
         client.clone(),
         shutdown_rx.clone(),
         commit_index,
+        security.clone(),
     ));
 
     let raft_server = {
-        let routes = network::raft_routes(raft.clone());
+        let routes = network::raft_routes(raft.clone(), security.clone());
         // The Raft listener stops last, after Raft itself: see the end of this function.
         let (raft_stop_tx, raft_stop_rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(

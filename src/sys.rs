@@ -4,6 +4,7 @@
 use std::io;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -12,6 +13,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Layer, Registry};
 
 use crate::config::Config;
+use crate::security::Security;
 
 /// Changes the log filter of the running process.
 #[derive(Clone)]
@@ -141,7 +143,7 @@ pub async fn stop_signal() {
 pub const LIVE_KEYS: &[&str] = &["log.level"];
 
 /// Re-reads the config at `path` on every SIGHUP for the life of the process: applies
-/// `log.level`, and warns about every other changed key, naming it, since those need a
+/// `log.level`, re-reads the client tokens file, and warns about every other changed key, naming it, since those need a
 /// restart. A config that does not load is reported and changes nothing.
 ///
 /// The handler is installed when this is called (inside the runtime), not when the future is
@@ -150,11 +152,12 @@ pub fn reload_on_sighup(
     path: PathBuf,
     running: Config,
     log: LogHandle,
+    security: Arc<Security>,
 ) -> impl std::future::Future<Output = ()> {
     let hup = signal(SignalKind::hangup());
     async move {
         match hup {
-            Ok(hup) => reload_loop(hup, path, running, log).await,
+            Ok(hup) => reload_loop(hup, path, running, log, security).await,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot install the SIGHUP handler; reload is off")
             }
@@ -167,10 +170,14 @@ async fn reload_loop(
     path: PathBuf,
     running: Config,
     log: LogHandle,
+    security: Arc<Security>,
 ) {
     let mut level = running.log.level.clone();
     while hup.recv().await.is_some() {
         notify(&format!("RELOADING=1\nMONOTONIC_USEC={}", monotonic_usec()));
+        // The tokens file is re-read even when the config no longer loads: revoking a token
+        // must not wait for an unrelated edit to be fixed.
+        security.reload_tokens();
         match Config::load(&path) {
             Err(e) => tracing::error!(error = %e, "reload: config not applied"),
             Ok(new) => {

@@ -20,6 +20,14 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// The cluster secret shared by every node of the test, beside their dirs.
+fn secret_path(node_dir: &Path) -> PathBuf {
+    node_dir
+        .parent()
+        .expect("a node dir has a parent")
+        .join("cluster-secret")
+}
+
 struct Node {
     api: String,
     raft: String,
@@ -47,10 +55,11 @@ impl Node {
         std::fs::write(
             &config,
             format!(
-                "node_id = {id}\ndata_dir = \"{}\"\n{start}\n[api]\nlisten = \"{}\"\n[raft]\nlisten = \"{}\"\n[log]\nlevel = \"warn\"\n",
+                "node_id = {id}\ndata_dir = \"{}\"\n{start}\n[api]\nlisten = \"{}\"\n[raft]\nlisten = \"{}\"\n[security]\ncluster_secret_file = \"{}\"\n[log]\nlevel = \"warn\"\n",
                 self.dir.join("data").display(),
                 self.api,
-                self.raft
+                self.raft,
+                secret_path(&self.dir).display()
             ),
         )
         .unwrap();
@@ -130,7 +139,11 @@ async fn wait_voters(http: &HttpClient, addr: &str, want: &[u64]) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_readd_under_new_id_and_keep_the_last_voter() {
     let root = tempfile::tempdir().unwrap();
-    let http = HttpClient::new();
+    let secret_file = root.path().join("cluster-secret");
+    chatraftd::security::ensure_secret_file(&secret_file).unwrap();
+    let secret = std::fs::read_to_string(&secret_file).unwrap();
+    // Removal is an admin route: the operator's client holds the cluster secret.
+    let http = HttpClient::new().with_cluster_secret(Some(secret.trim()));
     let mut nodes: Vec<Node> = (1..=3).map(|i| Node::new(root.path(), i)).collect();
     nodes[0].start(1, None);
     let seed = nodes[0].api.clone();

@@ -21,10 +21,14 @@ fn free_port() -> u16 {
 }
 
 fn write_config(path: &Path, data: &Path, api: u16, raft: u16, extra: &str) {
+    let secret = path.with_file_name("cluster-secret");
+    std::fs::write(&secret, "systemd-test-cluster-secret-0123456789\n").unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let text = format!(
         "node_id = 1\nbootstrap = true\ndata_dir = {data:?}\n\
          [api]\nlisten = \"127.0.0.1:{api}\"\n{extra}\n\
-         [raft]\nlisten = \"127.0.0.1:{raft}\"\n"
+         [raft]\nlisten = \"127.0.0.1:{raft}\"\n\
+         [security]\ncluster_secret_file = {secret:?}\n"
     );
     std::fs::write(path, text).unwrap();
 }

@@ -318,6 +318,7 @@ async fn forward_join(
             let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or_default();
             let code = match v["error"]["code"].as_str() {
                 Some("node_conflict") => "node_conflict",
+                Some("cluster_full") => "cluster_full",
                 Some("invalid_field") => "invalid_field",
                 _ => "internal",
             };
@@ -364,6 +365,16 @@ async fn join_as_leader(
                         StatusCode::CONFLICT,
                         "node_conflict",
                         format!("node {other} already uses one of these addresses"),
+                    ));
+                }
+                let size = membership.nodes().count();
+                if size >= state.limits.max_cluster_size {
+                    return Err(ApiError::new(
+                        StatusCode::CONFLICT,
+                        "cluster_full",
+                        format!(
+                            "the cluster has {size} members, the most limits.max_cluster_size allows"
+                        ),
                     ));
                 }
                 (false, false)

@@ -29,27 +29,25 @@ pub fn routes(
         .and(warp::post())
         .and(with_state(state.clone()))
         .and(warp::header::headers_cloned())
+        .and(warp::addr::remote())
         .and(limited_body(max_body))
         .then(post_message);
     let history = warp::path!("api" / "v1" / "messages")
         .and(warp::get())
         .and(with_state(state.clone()))
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
-        .then(|state: Arc<AppState>, query: String| async move {
-            reply_json(history(&state, &query).await)
-        });
+        .and(warp::header::headers_cloned())
+        .then(
+            |state: Arc<AppState>, query: String, headers: HeaderMap| async move {
+                reply_json(history(&state, &query, &headers).await)
+            },
+        );
     let conversations = warp::path!("api" / "v1" / "conversations")
         .and(warp::get())
         .and(with_state(state.clone()))
-        .then(|state: Arc<AppState>| async move {
-            reply_json(
-                state
-                    .reader
-                    .conversations()
-                    .await
-                    .map(|c| (StatusCode::OK, serde_json::json!({ "conversations": c })))
-                    .map_err(|e| ApiError::internal(e.to_string())),
-            )
+        .and(warp::header::headers_cloned())
+        .then(|state: Arc<AppState>, headers: HeaderMap| async move {
+            reply_json(conversations(&state, &headers).await)
         });
     let read_index = warp::path!("api" / "v1" / "internal" / "read-index")
         .and(warp::get())
@@ -229,10 +227,30 @@ fn validate(headers: &HeaderMap, body: &[u8], limits: &Limits) -> Result<Validat
 async fn post_message(
     state: Arc<AppState>,
     headers: HeaderMap,
+    remote: Option<std::net::SocketAddr>,
     body: Bytes,
 ) -> warp::reply::Response {
     let forwarded = headers.contains_key(FORWARDED_HEADER);
-    let result = match validate(&headers, &body, &state.limits) {
+    // Peers forwarding a write are not limited: the node the client reached counted it.
+    if let Some(addr) = remote.filter(|_| !state.security.is_secret_holder(&headers)) {
+        if let Err(secs) = state.write_rate.check(addr.ip()) {
+            return reply_json::<()>(Err(ApiError {
+                retry_after: Some(secs),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many writes from this address (limits.write_rate_per_sec)",
+                )
+            }));
+        }
+    }
+    let result = match validate(&headers, &body, &state.limits).and_then(|msg| {
+        state
+            .security
+            .access(&headers, None)?
+            .check_write(&msg.conv_id, &msg.sender)
+            .map(|()| msg)
+    }) {
         Ok(msg) => write(&state, msg, forwarded).await,
         Err(e) => Err(e),
     };
@@ -616,8 +634,37 @@ struct Page {
     last_seq: u64,
 }
 
-async fn history(state: &AppState, raw_query: &str) -> Result<(StatusCode, Page), ApiError> {
+/// Every conversation, or those a token may read.
+async fn conversations(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(StatusCode, Value), ApiError> {
+    let access = state.security.access(headers, None)?;
+    let all = state
+        .reader
+        .conversations()
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let visible: Vec<_> = all
+        .into_iter()
+        .filter(|c| access.sees(&c.conv_id))
+        .collect();
+    Ok((
+        StatusCode::OK,
+        serde_json::json!({ "conversations": visible }),
+    ))
+}
+
+async fn history(
+    state: &AppState,
+    raw_query: &str,
+    headers: &HeaderMap,
+) -> Result<(StatusCode, Page), ApiError> {
     let q = parse_history_query(raw_query, state.limits.max_page)?;
+    state
+        .security
+        .access(headers, None)?
+        .check_read(&q.conv_id)?;
     if q.linearizable {
         linearizable_barrier(state).await?;
     }

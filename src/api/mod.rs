@@ -24,9 +24,11 @@ use warp::http::StatusCode;
 use warp::{Filter, Reply};
 
 pub use error::ApiError;
+pub use messages::check_conv_id;
 
 use crate::config::{Config, Limits};
 use crate::network::HttpClient;
+use crate::security::{self, Security};
 use crate::store::MessageReader;
 use crate::types::{NodeId, Raft};
 
@@ -53,6 +55,10 @@ pub struct AppState {
     pub membership_lock: tokio::sync::Mutex<()>,
     /// Groups concurrent writes into one log entry when this node leads.
     pub batcher: batcher::Batcher,
+    /// The cluster secret and client tokens.
+    pub security: Arc<Security>,
+    /// The per-address write rate (`limits.write_rate_per_sec`, `limits.write_burst`).
+    pub write_rate: security::rate::RateLimiter,
 }
 
 impl AppState {
@@ -63,6 +69,7 @@ impl AppState {
         client: HttpClient,
         shutdown: watch::Receiver<bool>,
         commit_index: Arc<AtomicU64>,
+        security: Arc<Security>,
     ) -> Self {
         AppState {
             node_id: config.node_id,
@@ -76,6 +83,11 @@ impl AppState {
             shutdown,
             commit_index,
             membership_lock: tokio::sync::Mutex::new(()),
+            security,
+            write_rate: security::rate::RateLimiter::new(
+                config.limits.write_rate_per_sec,
+                config.limits.write_burst,
+            ),
         }
     }
 
@@ -84,16 +96,18 @@ impl AppState {
     }
 }
 
-/// All routes of the API listener.
+/// All routes of the API listener. Admin and internal paths need the cluster secret
+/// ([`security::is_admin_path`]), checked before any route runs.
 pub fn routes(
     state: Arc<AppState>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let guard = security::guard(state.security.clone());
     let api = messages::routes(state.clone())
         .or(stream::routes(state.clone()))
         .or(cluster::routes(state.clone()))
         .or(overview::routes(state))
         .or(web::routes());
-    api.recover(recover)
+    guard.and(api).recover(recover)
 }
 
 /// The request body, read up to `max` bytes: a bigger `Content-Length`, or a chunked body that

@@ -10,6 +10,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use futures_util::stream::{self, Stream};
+use warp::http::HeaderMap;
 use warp::sse::Event;
 use warp::{Filter, Reply};
 
@@ -29,9 +30,13 @@ pub fn routes(
         .and(with_state(state))
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::optional::<String>("last-event-id"))
+        .and(warp::header::headers_cloned())
         .then(
-            |state: Arc<AppState>, query: String, last_event_id: Option<String>| async move {
-                match start(&state, &query, last_event_id.as_deref()).await {
+            |state: Arc<AppState>,
+             query: String,
+             last_event_id: Option<String>,
+             headers: HeaderMap| async move {
+                match start(&state, &query, last_event_id.as_deref(), &headers).await {
                     Ok((conv_id, from)) => {
                         tracing::debug!(%conv_id, from, "stream subscriber");
                         let keep_alive = warp::sse::keep_alive()
@@ -51,6 +56,7 @@ async fn start(
     state: &AppState,
     raw_query: &str,
     last_event_id: Option<&str>,
+    headers: &HeaderMap,
 ) -> Result<(String, u64), ApiError> {
     let mut conv_id = DEFAULT_CONV.to_string();
     let mut from: Option<u64> = None;
@@ -72,6 +78,7 @@ async fn start(
         }
     }
     check_conv_id(&conv_id)?;
+    state.security.access(headers, None)?.check_read(&conv_id)?;
     // A reconnecting EventSource repeats the original URL: Last-Event-ID wins over `from`.
     if let Some(id) = last_event_id {
         let last: u64 = id

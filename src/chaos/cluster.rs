@@ -111,6 +111,14 @@ impl Cluster {
             source,
         })?;
         let seed_api = format!("{}:{API_PORT}", lab.addr(1));
+        // The nodes and the harness share one cluster secret, as a real deployment does.
+        let secret_file = settings.dir.join("cluster-secret");
+        let secret = crate::security::ensure_secret_file(&secret_file)
+            .and_then(|_| std::fs::read_to_string(&secret_file))
+            .map_err(|source| ClusterError::Io {
+                what: format!("write {}", secret_file.display()),
+                source,
+            })?;
         let mut nodes = Vec::new();
         for id in 1..=count {
             let home = settings.dir.join(format!("node{id}"));
@@ -140,7 +148,7 @@ impl Cluster {
             nodes,
             settings,
             lab,
-            http: HttpClient::new(),
+            http: HttpClient::new().with_cluster_secret(Some(secret.trim())),
             crashes: Vec::new(),
             next_raft_id: count + 1,
             start,
@@ -463,11 +471,12 @@ fn write_config(
          {start_line}\n\n\
          [api]\nlisten = \"{addr}:{API_PORT}\"\nwrite_timeout_ms = {}\nsse_keepalive_secs = 1\n\n\
          [raft]\nlisten = \"{addr}:{RAFT_PORT}\"\nsnapshot_threshold = {}\nkeep_logs_after_snapshot = {}\n\n\
-         [log]\nlevel = \"info\"\n",
+         [security]\ncluster_secret_file = \"{}\"\n\n         [log]\nlevel = \"info\"\n",
         home.join("data").display(),
         settings.write_timeout_ms,
         settings.snapshot_threshold,
         (settings.snapshot_threshold / 4).max(1),
+        settings.dir.join("cluster-secret").display(),
     );
     std::fs::write(path, text).map_err(|source| ClusterError::Io {
         what: format!("write {}", path.display()),

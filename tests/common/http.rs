@@ -64,6 +64,8 @@ impl Response {
 #[derive(Clone)]
 pub struct Http {
     client: Client<HttpConnector, Full<Bytes>>,
+    /// Sent with every request, before the request's own headers.
+    default_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 impl Default for Http {
@@ -82,7 +84,20 @@ impl Http {
             // a restarted node on the same port is reached on a fresh connection.
             .pool_idle_timeout(Duration::from_secs(5))
             .build(connector);
-        Http { client }
+        Http {
+            client,
+            default_headers: Vec::new(),
+        }
+    }
+
+    /// The same client (same pool), sending `name: value` with every request too.
+    pub fn with_header(&self, name: &str, value: &str) -> Http {
+        let mut h = self.clone();
+        h.default_headers.push((
+            HeaderName::from_bytes(name.as_bytes()).expect("a valid header name"),
+            HeaderValue::from_str(value).expect("a valid header value"),
+        ));
+        h
     }
 
     /// Sends one request and reads the whole answer. `Err` means no HTTP answer at all
@@ -97,6 +112,9 @@ impl Http {
     ) -> Result<Response, String> {
         let uri = format!("http://{addr}{path}");
         let mut builder = Request::builder().method(method.clone()).uri(&uri);
+        for (k, v) in &self.default_headers {
+            builder = builder.header(k, v);
+        }
         for (k, v) in headers {
             let name =
                 HeaderName::from_bytes(k.as_bytes()).map_err(|e| format!("header {k}: {e}"))?;
@@ -175,6 +193,9 @@ impl Http {
     ) -> Result<(hyper::http::response::Parts, hyper::body::Incoming), String> {
         let uri = format!("http://{addr}{path}");
         let mut builder = Request::builder().method(Method::GET).uri(&uri);
+        for (k, v) in &self.default_headers {
+            builder = builder.header(k, v);
+        }
         for (k, v) in headers {
             builder = builder.header(*k, *v);
         }

@@ -54,6 +54,13 @@ pub struct Options {
     pub snapshot_threshold: u64,
     pub keep_logs_after_snapshot: u64,
     pub log_level: String,
+    /// The cluster secret file every node names; a [`Cluster`] writes one in its temp dir
+    /// when this is `None`. Configs rendered without one run with `allow_insecure_cluster`.
+    pub cluster_secret_file: Option<PathBuf>,
+    /// More `key = value` lines for the `[security]` table.
+    pub security_toml: String,
+    /// More `key = value` lines for the `[limits]` table.
+    pub limits_toml: String,
 }
 
 impl Default for Options {
@@ -70,6 +77,9 @@ impl Default for Options {
             snapshot_threshold: 50_000,
             keep_logs_after_snapshot: 1_000,
             log_level: "info".into(),
+            cluster_secret_file: None,
+            security_toml: String::new(),
+            limits_toml: String::new(),
         }
     }
 }
@@ -144,6 +154,11 @@ election_timeout_max_ms = {emax}
 snapshot_threshold = {st}
 keep_logs_after_snapshot = {keep}
 
+[limits]
+{limits}
+[security]
+{secret}
+{security}
 [log]
 level = "{level}"
 "#,
@@ -161,8 +176,25 @@ level = "{level}"
             st = o.snapshot_threshold,
             keep = o.keep_logs_after_snapshot,
             level = o.log_level,
+            limits = o.limits_toml,
+            secret = match &o.cluster_secret_file {
+                Some(p) => format!("cluster_secret_file = {:?}", p.display().to_string()),
+                None => "allow_insecure_cluster = true\ncluster_secret_file = \"\"".into(),
+            },
+            security = o.security_toml,
         )
     }
+}
+
+/// The header that carries the cluster secret (the daemon's `security::SECRET_HEADER`).
+pub const SECRET_HEADER: &str = "x-chatraftd-cluster-secret";
+
+/// Writes a cluster secret file, mode 0600 as the daemon demands.
+pub fn write_secret_file(path: &Path, secret: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, format!("{secret}\n")).expect("writing a secret file");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .expect("chmod 600 of the secret file");
 }
 
 /// A `chatraftd` command with a clean environment: no `CHATRAFTD_*` override of the test
@@ -363,18 +395,38 @@ impl Cluster {
         c
     }
 
-    /// A cluster with no node yet.
-    pub fn empty(opts: Options) -> Cluster {
+    /// A cluster with no node yet. Unless `opts` names one, a cluster secret is written in
+    /// the temp dir; [`Cluster::http`] presents it on every request (so it can use admin
+    /// routes), while [`Cluster::outsider`] does not.
+    pub fn empty(mut opts: Options) -> Cluster {
         let dir = tempfile::Builder::new()
             .prefix("chatraftd-it-")
             .tempdir()
             .expect("creating a temp dir");
+        let secret_path = match &opts.cluster_secret_file {
+            Some(p) => p.clone(),
+            None => {
+                let p = dir.path().join("cluster-secret");
+                write_secret_file(&p, &format!("it-secret-{}", uuid::Uuid::new_v4().simple()));
+                opts.cluster_secret_file = Some(p.clone());
+                p
+            }
+        };
+        let secret = std::fs::read_to_string(&secret_path)
+            .expect("reading the cluster secret")
+            .trim()
+            .to_string();
         Cluster {
-            http: Http::new(),
+            http: Http::new().with_header(SECRET_HEADER, &secret),
             opts,
             nodes: Vec::new(),
             dir: Some(dir),
         }
+    }
+
+    /// A client without the cluster secret.
+    pub fn outsider(&self) -> Http {
+        Http::new()
     }
 
     pub fn root(&self) -> &Path {

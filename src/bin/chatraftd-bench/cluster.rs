@@ -87,10 +87,15 @@ impl Cluster {
             None => "bootstrap = true".to_string(),
             Some(first) => format!("join = [\"{}\"]", first.api),
         };
+        let secret_file = self.root.join("cluster-secret");
+        chatraftd::security::ensure_secret_file(&secret_file)
+            .map_err(|e| format!("{}: {e}", secret_file.display()))?;
         let text = format!(
             "node_id = {id}\ndata_dir = \"{}\"\n{start}\n\n[api]\nlisten = \"{api}\"\n\
-             write_timeout_ms = 10000\n\n[raft]\nlisten = \"{raft}\"\n\n[log]\nlevel = \"warn\"\n",
-            dir.join("data").display()
+             write_timeout_ms = 10000\n\n[raft]\nlisten = \"{raft}\"\n\n\
+             [security]\ncluster_secret_file = \"{}\"\n\n[log]\nlevel = \"warn\"\n",
+            dir.join("data").display(),
+            secret_file.display()
         );
         let config = dir.join("chatraftd.toml");
         std::fs::write(&config, text).map_err(|e| format!("{}: {e}", config.display()))?;
