@@ -10,11 +10,13 @@
 //!   cluster overview, and the web page (`api/web/`, compiled into the binary).
 //! - [`server`]: wiring of one node, bootstrap and join, ordered shutdown.
 //! - [`sys`]: logging and signals.
+//! - [`metrics`]: process-wide counters and histograms, and the Prometheus text format.
 //! - [`local_cluster`]: the `local-cluster` subcommand.
 
 pub mod api;
 pub mod config;
 pub mod local_cluster;
+pub mod metrics;
 pub mod network;
 pub mod server;
 pub mod store;

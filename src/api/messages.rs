@@ -233,7 +233,12 @@ async fn post_message(
 ) -> warp::reply::Response {
     let forwarded = headers.contains_key(FORWARDED_HEADER);
     let result = match validate(&headers, &body, &state.limits) {
-        Ok(msg) => write(&state, msg, forwarded).await,
+        Ok(msg) => {
+            let started = Instant::now();
+            let result = write(&state, msg, forwarded).await;
+            crate::metrics::WRITE_LATENCY.observe(started.elapsed());
+            result
+        }
         Err(e) => Err(e),
     };
     match result {

@@ -7,6 +7,7 @@
 mod cluster;
 mod error;
 mod messages;
+mod metrics;
 mod overview;
 mod stream;
 mod web;
@@ -50,6 +51,8 @@ pub struct AppState {
     pub commit_index: Arc<AtomicU64>,
     /// Serialises membership changes on the leader: one join at a time.
     pub membership_lock: tokio::sync::Mutex<()>,
+    /// The node's data dir, for the file sizes in `/metrics`.
+    pub data_dir: std::path::PathBuf,
 }
 
 impl AppState {
@@ -72,6 +75,7 @@ impl AppState {
             shutdown,
             commit_index,
             membership_lock: tokio::sync::Mutex::new(()),
+            data_dir: config.data_dir.clone(),
         }
     }
 
@@ -87,6 +91,7 @@ pub fn routes(
     let api = messages::routes(state.clone())
         .or(stream::routes(state.clone()))
         .or(cluster::routes(state.clone()))
+        .or(metrics::routes(state.clone()))
         .or(overview::routes(state))
         .or(web::routes());
     api.recover(recover)

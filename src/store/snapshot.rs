@@ -347,9 +347,11 @@ impl SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let builder = SnapshotBuilder::new(self.db_path.clone(), self.snapshots.clone());
+        let started = std::time::Instant::now();
         let (meta, file) = blocking(move || builder.build_blocking())
             .await
             .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
+        crate::metrics::SNAPSHOT_BUILD.observe(started.elapsed());
         Ok(Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),
