@@ -9,12 +9,14 @@
 //! - [`api`]: the client HTTP API: messages, stream, history, join, status, health, the
 //!   cluster overview, and the web page (`api/web/`, compiled into the binary).
 //! - [`server`]: wiring of one node, bootstrap and join, ordered shutdown.
+//! - [`handoff`]: a stopping leader hands leadership to an up-to-date voter.
 //! - [`sys`]: logging and signals.
 //! - [`metrics`]: process-wide counters and histograms, and the Prometheus text format.
 //! - [`local_cluster`]: the `local-cluster` subcommand.
 
 pub mod api;
 pub mod config;
+pub mod handoff;
 pub mod local_cluster;
 pub mod metrics;
 pub mod network;

@@ -4,6 +4,7 @@
 //! Every handler answers with a complete response; warp's own rejections (unknown path, wrong
 //! method, body too large) are turned into the same JSON error shape by [`recover`].
 
+mod admin;
 mod cluster;
 mod error;
 mod messages;
@@ -92,6 +93,7 @@ pub fn routes(
         .or(stream::routes(state.clone()))
         .or(cluster::routes(state.clone()))
         .or(metrics::routes(state.clone()))
+        .or(admin::routes(state.clone()))
         .or(overview::routes(state))
         .or(web::routes());
     api.recover(recover)
