@@ -13,8 +13,13 @@
 //! - [`sys`]: logging and signals.
 //! - [`metrics`]: process-wide counters and histograms, and the Prometheus text format.
 //! - [`local_cluster`]: the `local-cluster` subcommand.
+//! - [`backup`]: backup and restore of the message store.
+//! - [`cli`]: the operator's client subcommands (`status`, `members`, `send`, `tail`,
+//!   `backup`, `restore`).
 
 pub mod api;
+pub mod backup;
+pub mod cli;
 pub mod config;
 pub mod handoff;
 pub mod local_cluster;

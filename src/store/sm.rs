@@ -169,6 +169,26 @@ fn put_sm_meta<T: serde::Serialize>(
     Ok(())
 }
 
+/// Replaces the membership stored in a standalone state file (a backup being restored).
+pub(crate) fn set_state_membership(
+    conn: &Connection,
+    path: &Path,
+    membership: &StoredMembership,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_string(membership).map_err(|source| StoreError::Serde {
+        what: KEY_MEMBERSHIP,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    conn.execute(
+        "INSERT INTO sm_meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (KEY_MEMBERSHIP, json),
+    )
+    .at(path)?;
+    Ok(())
+}
+
 /// Applies one chat message inside the batch transaction.
 fn apply_post(
     tx: &Transaction<'_>,
