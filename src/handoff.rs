@@ -125,7 +125,8 @@ pub async fn transfer_leadership(
     }
 }
 
-/// Sends one elect request; a refusal or an error is logged, the caller decides what next.
+/// Sends one elect request; true when the voter started an election. A refusal or an error
+/// is logged.
 async fn ask_to_elect(
     client: &HttpClient,
     addr: &str,
@@ -134,7 +135,7 @@ async fn ask_to_elect(
     term: u64,
     last_log_index: u64,
     deadline: Instant,
-) {
+) -> bool {
     let body = ElectRequest {
         from: me,
         term,
@@ -155,12 +156,17 @@ async fn ask_to_elect(
         .await
     {
         Ok(r) if r.status.is_success() => {
-            tracing::info!(target_node = target, term, "asked a voter to take over")
+            tracing::info!(target_node = target, term, "asked a voter to take over");
+            true
         }
         Ok(r) => {
-            tracing::info!(target_node = target, status = %r.status, body = %String::from_utf8_lossy(&r.body), "the hand-off was refused")
+            tracing::info!(target_node = target, status = %r.status, body = %String::from_utf8_lossy(&r.body), "the hand-off was refused");
+            false
         }
-        Err(e) => tracing::info!(target_node = target, error = %e, "the hand-off request failed"),
+        Err(e) => {
+            tracing::info!(target_node = target, error = %e, "the hand-off request failed");
+            false
+        }
     }
 }
 
