@@ -130,7 +130,14 @@ async fn scrape(c: &Cluster, id: u64) -> Vec<Sample> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_report_raft_state_traffic_and_storage() {
-    let c = Cluster::start(Options::nodes(3)).await;
+    // Snapshots after a few entries, and a short log behind them, so that a late node is
+    // brought up by a snapshot install.
+    let opts = Options {
+        snapshot_threshold: 3,
+        keep_logs_after_snapshot: 1,
+        ..Options::nodes(3)
+    };
+    let mut c = Cluster::start(opts).await;
     let leader = c.leader().await;
     let follower = c.others(leader)[0];
 
@@ -280,7 +287,6 @@ async fn metrics_report_raft_state_traffic_and_storage() {
     assert!(value(&s, "chatraftd_storage_bytes", &[("file", "messages.db")]).unwrap() > 0.0);
     assert!(value(&s, "chatraftd_storage_bytes", &[("file", "raft-log.db")]).unwrap() > 0.0);
     assert!(value(&s, "chatraftd_storage_bytes", &[("file", "snapshots")]).is_some());
-    assert!(value(&s, "chatraftd_snapshot_build_duration_seconds_count", &[]).is_some());
 
     // The follower: a follower role, no lag series, the same per-conversation totals once
     // it applied everything.
@@ -322,6 +328,25 @@ async fn metrics_report_raft_state_traffic_and_storage() {
     drop(stream);
     let addr = c.api(leader).to_owned();
     wait_until(
+        "a snapshot build on the leader",
+        Duration::from_secs(20),
+        || {
+            let http = http.clone();
+            let addr = addr.clone();
+            async move {
+                let r = http.get(&addr, "/metrics").await?;
+                let s = parse(&r.text())?;
+                let built = value(&s, "chatraftd_snapshot_build_duration_seconds_count", &[]);
+                let size = value(&s, "chatraftd_storage_bytes", &[("file", "snapshots")]);
+                match (built, size) {
+                    (Some(b), Some(n)) if b >= 1.0 && n > 0.0 => Ok(()),
+                    other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+    wait_until(
         "the SSE gauge to drop to 0",
         Duration::from_secs(10),
         || {
@@ -333,6 +358,40 @@ async fn metrics_report_raft_state_traffic_and_storage() {
                 match value(&s, "chatraftd_sse_subscribers", &[]) {
                     Some(0.0) => Ok(()),
                     other => Err(format!("{other:?}")),
+                }
+            }
+        },
+    )
+    .await;
+
+    // A late node receives the state as a snapshot: the install is timed, and its byte totals
+    // are recomputed from what it installed.
+    let late = c.add_node().await;
+    let addr = c.api(late).to_owned();
+    wait_until(
+        "the late node's install and totals",
+        Duration::from_secs(20),
+        || {
+            let http = http.clone();
+            let addr = addr.clone();
+            async move {
+                let r = http.get(&addr, "/metrics").await?;
+                let s = parse(&r.text())?;
+                let installs = value(&s, "chatraftd_snapshot_install_duration_seconds_count", &[]);
+                let a = value(
+                    &s,
+                    "chatraftd_conversation_payload_bytes",
+                    &[("conv_id", "ops.a")],
+                );
+                let b = value(
+                    &s,
+                    "chatraftd_conversation_payload_bytes",
+                    &[("conv_id", "ops-b")],
+                );
+                if installs >= Some(1.0) && a == Some(expected_a_bytes) && b == Some(3.0) {
+                    Ok(())
+                } else {
+                    Err(format!("installs {installs:?}, bytes {a:?} {b:?}"))
                 }
             }
         },
