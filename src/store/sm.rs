@@ -189,6 +189,17 @@ pub(crate) fn set_state_membership(
     Ok(())
 }
 
+/// Collects the payload bytes of the messages `response` newly stored, for `/metrics`.
+///
+/// The match is exhaustive on purpose: a new kind of response must say here whether it
+/// stores messages, or the byte totals would silently drift.
+fn newly_stored_bytes(response: &Response, out: &mut Vec<(String, u64)>) {
+    match response {
+        Response::Stored(r) => out.push((r.conv_id.clone(), r.payload.len() as u64)),
+        Response::Duplicate(_) | Response::Conflict(_) | Response::None => {}
+    }
+}
+
 /// Applies one chat message inside the batch transaction.
 fn apply_post(
     tx: &Transaction<'_>,
@@ -293,9 +304,7 @@ impl SmShared {
                     apply_post(&tx, path, &entry.log_id, msg)?
                 }
             };
-            if let Response::Stored(r) = &response {
-                added_bytes.push((r.conv_id.clone(), r.payload.len() as u64));
-            }
+            newly_stored_bytes(&response, &mut added_bytes);
             responses.push(response);
             last_applied = Some(entry.log_id);
         }
