@@ -58,7 +58,7 @@ pub struct TailArgs {
     /// Conversation
     #[arg(long, default_value = "general")]
     conv: String,
-    /// First seq to print; without it, only messages that arrive from now on
+    /// First seq to print; without it, the messages committed from now on
     #[arg(long)]
     from: Option<u64>,
     /// Exit after this many messages (default: follow until interrupted)
@@ -339,10 +339,22 @@ pub fn tail(args: TailArgs) -> ExitCode {
         let mut last_id: Option<String> = None;
         let mut printed = 0u64;
         let mut pause = Duration::from_millis(200);
-        let mut path = format!("/api/v1/stream?conv_id={}", percent_encode(&args.conv));
-        if let Some(from) = args.from {
-            path.push_str(&format!("&from={from}"));
-        }
+        let conv = percent_encode(&args.conv);
+        // Without --from, start after the conversation's current last seq, asked once: a
+        // reconnect before the first message then still resumes at the same place.
+        let from = match args.from {
+            Some(f) => f,
+            None => {
+                let page = get_json(
+                    &client,
+                    &node,
+                    &format!("/api/v1/messages?conv_id={conv}&limit=1"),
+                )
+                .await?;
+                num(&page, "last_seq") + 1
+            }
+        };
+        let path = format!("/api/v1/stream?conv_id={conv}&from={from}");
         loop {
             let mut headers = vec![("accept", "text/event-stream")];
             // After a reconnect, resume after the last message printed (Last-Event-ID wins

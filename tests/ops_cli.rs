@@ -290,6 +290,52 @@ async fn tail_follows_and_resumes_across_a_restart_of_its_node() {
         .collect();
     assert_eq!(seqs, vec![1, 2, 3, 4, 5, 6], "{}", tail.out());
 
+    // Without --from: only messages committed after the start.
+    let mut fresh = Background::start(
+        c.root(),
+        "tail-new",
+        &[
+            "tail",
+            "--node",
+            c.api(watched),
+            "--conv",
+            "t",
+            "--count",
+            "1",
+        ],
+    );
+    wait_until("tail to connect", Duration::from_secs(20), || {
+        let http = c.http.clone();
+        let addr = c.api(watched).to_owned();
+        async move {
+            let r = http.get(&addr, "/metrics").await?;
+            if r.text().contains("chatraftd_sse_subscribers 1") {
+                Ok(())
+            } else {
+                Err("no subscriber yet".to_string())
+            }
+        }
+    })
+    .await;
+    let r = c
+        .post(
+            leader,
+            &json!({"conv_id": "t", "sender": "s", "payload": "m7"}),
+        )
+        .await
+        .expect("post");
+    assert_eq!(r.code(), 201);
+    assert!(
+        fresh.finish(Duration::from_secs(20)).await,
+        "{}",
+        fresh.err()
+    );
+    assert!(
+        fresh.out().trim_end().ends_with("#7 s: m7"),
+        "{}",
+        fresh.out()
+    );
+
     // Human-readable lines: one per message.
     let (ok, out, err) = run_cli(&[
         "tail",
