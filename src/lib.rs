@@ -10,14 +10,23 @@
 //!   cluster overview, and the web page (`api/web/`, compiled into the binary).
 //! - [`security`]: the cluster secret, client tokens, and who may use which route.
 //! - [`server`]: wiring of one node, bootstrap and join, ordered shutdown.
+//! - [`handoff`]: a stopping leader hands leadership to an up-to-date voter.
 //! - [`sys`]: logging and signals.
+//! - [`metrics`]: process-wide counters and histograms, and the Prometheus text format.
 //! - [`local_cluster`]: the `local-cluster` subcommand.
 //! - [`chaos`]: the fault-injection harness and history checker behind `chatraftd-chaos`.
+//! - [`backup`]: backup and restore of the message store.
+//! - [`cli`]: the operator's client subcommands (`status`, `members`, `send`, `tail`,
+//!   `backup`, `restore`).
 
 pub mod api;
+pub mod backup;
 pub mod chaos;
+pub mod cli;
 pub mod config;
+pub mod handoff;
 pub mod local_cluster;
+pub mod metrics;
 pub mod network;
 pub mod security;
 pub mod server;

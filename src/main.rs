@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 
 use chatraftd::config::{self, Config};
 use chatraftd::security::Security;
-use chatraftd::{local_cluster, server, sys};
+use chatraftd::{cli, local_cluster, server, sys};
 
 #[derive(Parser)]
 #[command(
@@ -35,12 +35,30 @@ enum Command {
     CheckConfig,
     /// Run a local cluster of several nodes on 127.0.0.1 until Ctrl-C
     LocalCluster(local_cluster::Args),
+    /// Show a node's Raft role, term, leader and indexes
+    Status(cli::NodeArgs),
+    /// List the cluster's members as a node sees them
+    Members(cli::NodeArgs),
+    /// Send one message (retried with the same msg_id while the cluster is unavailable)
+    Send(cli::SendArgs),
+    /// Print a conversation's messages as they are committed, resuming after reconnects
+    Tail(cli::TailArgs),
+    /// Write a consistent copy of this node's message store (data_dir from --config)
+    Backup(cli::BackupArgs),
+    /// Seed a fresh data dir (from --config) from a backup, as a new one-node cluster
+    Restore(cli::RestoreArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::LocalCluster(args)) => return local_cluster::run(args),
+        Some(Command::Status(args)) => return cli::status(args),
+        Some(Command::Members(args)) => return cli::members(args),
+        Some(Command::Send(args)) => return cli::send(args),
+        Some(Command::Tail(args)) => return cli::tail(args),
+        Some(Command::Backup(args)) => return cli::backup(cli.config, args),
+        Some(Command::Restore(args)) => return cli::restore(cli.config, args),
         Some(Command::CheckConfig) => return check_config(cli.config),
         Some(Command::Run) | None if cli.check_config => return check_config(cli.config),
         Some(Command::Run) | None => {}

@@ -146,6 +146,43 @@ impl HttpClient {
     }
 }
 
+impl HttpClient {
+    /// Sends a GET and returns as soon as the response head arrives (within `timeout`), with
+    /// the body still streaming: for `text/event-stream` answers, which never end by themselves.
+    pub async fn get_streaming(
+        &self,
+        addr: &str,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, HttpError> {
+        let uri = format!("http://{addr}{path_and_query}");
+        let mut builder = hyper::Request::builder()
+            .method(hyper::Method::GET)
+            .uri(&uri);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        let req = builder
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| HttpError::Unreachable {
+                addr: addr.to_string(),
+                reason: e.to_string(),
+            })?;
+        match tokio::time::timeout(timeout, self.inner.request(req)).await {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(HttpError::Unreachable {
+                addr: addr.to_string(),
+                reason: error_chain(&e),
+            }),
+            Err(_) => Err(HttpError::Timeout {
+                addr: addr.to_string(),
+                timeout,
+            }),
+        }
+    }
+}
+
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();

@@ -1,8 +1,8 @@
 //! Wiring of one node: lock the data dir, open the stores, start Raft and both listeners,
 //! bootstrap or join, then stop in order on a signal.
 //!
-//! Shutdown order: the API stops accepting and finishes in-flight requests (streams end), then
-//! Raft stops, then the Raft listener, then the stores close when the last handle drops.
+//! Shutdown order: the API stops accepting and finishes in-flight requests (streams end), a
+//! leader hands leadership to an up-to-date voter, then Raft stops, then the Raft listener, then the stores close when the last handle drops.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -17,6 +17,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
+use crate::handoff;
 use crate::network::{self, HttpClient, Network};
 use crate::security::Security;
 use crate::store;
@@ -246,6 +247,12 @@ pub async fn run(
     let grace = config.write_timeout() + Duration::from_secs(5);
     if tokio::time::timeout(grace, api_server).await.is_err() {
         tracing::warn!("API connections still open after {grace:?}; closing them");
+    }
+    // The API takes no more writes: hand leadership over before Raft stops, so the cluster
+    // does not wait out an election timeout (see `handoff`).
+    if fatal.is_none() {
+        let bound = Duration::from_millis(2 * config.raft.election_timeout_max_ms);
+        handoff::transfer_leadership(&raft, &client, config.node_id, bound).await;
     }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "Raft did not stop cleanly");

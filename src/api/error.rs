@@ -72,6 +72,9 @@ impl std::fmt::Display for ApiError {
 
 impl Reply for ApiError {
     fn into_response(self) -> warp::reply::Response {
+        // Every error answer of the API passes here (handlers and `recover` alike): the one
+        // place to count rejections by reason.
+        crate::metrics::count_rejected(self.code);
         let body = Body {
             error: Inner {
                 code: self.code,

@@ -251,7 +251,12 @@ async fn post_message(
             .check_write(&msg.conv_id, &msg.sender)
             .map(|()| msg)
     }) {
-        Ok(msg) => write(&state, msg, forwarded).await,
+        Ok(msg) => {
+            let started = Instant::now();
+            let result = write(&state, msg, forwarded).await;
+            crate::metrics::WRITE_LATENCY.observe(started.elapsed());
+            result
+        }
         Err(e) => Err(e),
     };
     match result {

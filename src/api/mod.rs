@@ -4,10 +4,12 @@
 //! Every handler answers with a complete response; warp's own rejections (unknown path, wrong
 //! method, body too large) are turned into the same JSON error shape by [`recover`].
 
+mod admin;
 mod batcher;
 mod cluster;
 mod error;
 mod messages;
+mod metrics;
 mod overview;
 mod stream;
 mod web;
@@ -59,6 +61,8 @@ pub struct AppState {
     pub security: Arc<Security>,
     /// The per-address write rate (`limits.write_rate_per_sec`, `limits.write_burst`).
     pub write_rate: security::rate::RateLimiter,
+    /// The node's data dir, for the file sizes in `/metrics`.
+    pub data_dir: std::path::PathBuf,
 }
 
 impl AppState {
@@ -88,6 +92,7 @@ impl AppState {
                 config.limits.write_rate_per_sec,
                 config.limits.write_burst,
             ),
+            data_dir: config.data_dir.clone(),
         }
     }
 
@@ -105,6 +110,8 @@ pub fn routes(
     let api = messages::routes(state.clone())
         .or(stream::routes(state.clone()))
         .or(cluster::routes(state.clone()))
+        .or(metrics::routes(state.clone()))
+        .or(admin::routes(state.clone()))
         .or(overview::routes(state))
         .or(web::routes());
     guard.and(api).recover(recover)

@@ -107,6 +107,8 @@ struct Cursor {
     buffered: VecDeque<Record>,
     applied: tokio::sync::watch::Receiver<u64>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Counts this subscription in the SSE gauge of `/metrics` for as long as it lives.
+    _subscriber: crate::metrics::SubscriberGuard,
 }
 
 fn events(
@@ -121,6 +123,7 @@ fn events(
         conv_id,
         next_seq: from,
         buffered: VecDeque::new(),
+        _subscriber: crate::metrics::SubscriberGuard::new(),
     };
     stream::unfold(cursor, |mut c| async move {
         loop {

@@ -305,7 +305,8 @@ impl Security {
 /// between nodes, and anything under the cluster and admin prefixes (routes added there later
 /// are covered without being listed).
 pub fn is_admin_path(path: &str) -> bool {
-    const EXACT: &[&str] = &["/join", "/leave"];
+    // `/metrics` names conversations and counts their traffic: for the cluster's operators only.
+    const EXACT: &[&str] = &["/join", "/leave", "/metrics"];
     const PREFIXES: &[&str] = &["/api/v1/internal/", "/api/v1/cluster/", "/api/v1/admin/"];
     EXACT.contains(&path.trim_end_matches('/')) || PREFIXES.iter().any(|p| path.starts_with(p))
 }

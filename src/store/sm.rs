@@ -80,6 +80,7 @@ impl StateMachineStore {
         let mut conn = open_live(path, Access::ReadWrite)?;
         ensure_schema(&mut conn, path, SCHEMA)?;
         let (last_applied, _) = read_applied_state(&conn, path)?;
+        crate::metrics::set_conv_bytes(conv_payload_bytes(&conn, path)?);
         let (tx, rx) = watch::channel(last_applied.map_or(0, |l| l.index));
         let sm = StateMachineStore {
             inner: Arc::new(SmShared {
@@ -92,6 +93,28 @@ impl StateMachineStore {
         };
         Ok((sm, rx))
     }
+}
+
+/// Payload bytes (UTF-8) per conversation: one full scan, run only when the whole state
+/// changes (open, snapshot install); `apply` keeps the totals current after that.
+fn conv_payload_bytes(
+    conn: &Connection,
+    path: &Path,
+) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT conv_id, SUM(length(CAST(payload AS BLOB))) FROM messages GROUP BY conv_id",
+        )
+        .at(path)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .at(path)?;
+    let mut out = std::collections::BTreeMap::new();
+    for row in rows {
+        let (conv, bytes) = row.at(path)?;
+        out.insert(conv, from_sql(bytes, "payload bytes", path)?);
+    }
+    Ok(out)
 }
 
 /// Reads `last_applied` and the membership from `sm_meta` of a state machine database (the live
@@ -146,7 +169,42 @@ fn put_sm_meta<T: serde::Serialize>(
     Ok(())
 }
 
-/// Applies one chat message inside the batch transaction.
+/// Replaces the membership stored in a standalone state file (a backup being restored).
+pub(crate) fn set_state_membership(
+    conn: &Connection,
+    path: &Path,
+    membership: &StoredMembership,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_string(membership).map_err(|source| StoreError::Serde {
+        what: KEY_MEMBERSHIP,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    conn.execute(
+        "INSERT INTO sm_meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (KEY_MEMBERSHIP, json),
+    )
+    .at(path)?;
+    Ok(())
+}
+
+/// Collects the payload bytes of the messages `response` newly stored, for `/metrics`.
+///
+/// The match is exhaustive on purpose: a new kind of response must say here whether it
+/// stores messages, or the byte totals would silently drift.
+fn newly_stored_bytes(response: &Response, out: &mut Vec<(String, u64)>) {
+    match response {
+        Response::Stored(r) => out.push((r.conv_id.clone(), r.payload.len() as u64)),
+        Response::Duplicate(_) | Response::Conflict(_) | Response::None => {}
+        Response::Batch(each) => {
+            for r in each {
+                newly_stored_bytes(r, out);
+            }
+        }
+    }
+}
+
 /// The last global message index stored (0 when there is none).
 fn last_message_index(tx: &Transaction<'_>, path: &Path) -> Result<u64, StoreError> {
     let last: Option<i64> = tx
@@ -244,6 +302,7 @@ impl SmShared {
         let (mut last_applied, _) = read_applied_state(&tx, path)?;
         let mut last_index = last_message_index(&tx, path)?;
         let mut responses = Vec::with_capacity(entries.len());
+        let mut added_bytes = Vec::new();
         for entry in entries {
             // Applying an entry twice would be an openraft bug; refuse instead of guessing.
             if let Some(prev) = last_applied {
@@ -272,6 +331,7 @@ impl SmShared {
                     Response::Batch(out)
                 }
             };
+            newly_stored_bytes(&response, &mut added_bytes);
             responses.push(response);
             last_applied = Some(entry.log_id);
         }
@@ -285,6 +345,7 @@ impl SmShared {
             // Only after COMMIT: readers that wake on this see the rows.
             self.applied.send_replace(last.index);
         }
+        crate::metrics::add_conv_bytes(added_bytes);
         Ok(responses)
     }
 
@@ -295,6 +356,7 @@ impl SmShared {
         {
             let mut conn = lock(&self.conn, &self.path)?;
             replace_state(&mut conn, &self.path, file.path(), meta)?;
+            crate::metrics::set_conv_bytes(conv_payload_bytes(&conn, &self.path)?);
         }
         // The state machine now is the snapshot: tell readers before anything else can fail.
         self.applied
@@ -476,9 +538,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
         let inner = self.inner.clone();
         let meta_owned = meta.clone();
+        let started = std::time::Instant::now();
         blocking(move || inner.install_blocking(file, &meta_owned))
             .await
             .map_err(fail)?;
+        crate::metrics::SNAPSHOT_INSTALL.observe(started.elapsed());
         tracing::info!(snapshot = %meta, "installed snapshot");
         Ok(())
     }

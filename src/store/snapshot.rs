@@ -19,7 +19,7 @@ use super::sm::read_applied_state;
 use super::{
     blocking, fsync_dir, lock, open_live, sql_path, Access, SqlContext, StoreError, SCHEMA_VERSION,
 };
-use crate::types::{SnapshotMeta, StorageError, TypeConfig};
+use crate::types::{LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
 const DB_SUFFIX: &str = ".db";
 const META_SUFFIX: &str = ".meta.json";
@@ -249,13 +249,31 @@ fn open_snapshot_file(path: &Path, writable: bool) -> Result<Connection, StoreEr
 /// Checks that a received file is an intact state machine database matching `meta`.
 pub(crate) fn validate(path: &Path, meta: &SnapshotMeta) -> Result<(), StoreError> {
     let conn = open_snapshot_file(path, false)?;
+    let (last_applied, membership) = check_state_file(&conn, path)?;
+    if last_applied != meta.last_log_id || membership != meta.last_membership {
+        return Err(StoreError::invalid(
+            path,
+            format!(
+                "snapshot content (last_applied {last_applied:?}, membership {membership}) does not match its meta {meta}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that a standalone copy of the state machine (a snapshot or a backup) is intact and
+/// of this build's schema; returns its `last_applied` and membership.
+pub(crate) fn check_state_file(
+    conn: &Connection,
+    path: &Path,
+) -> Result<(Option<LogId>, StoredMembership), StoreError> {
     let check: String = conn
         .query_row("PRAGMA quick_check", [], |r| r.get(0))
         .at(path)?;
     if check != "ok" {
         return Err(StoreError::invalid(
             path,
-            format!("snapshot fails quick_check: {check}"),
+            format!("the database fails quick_check: {check}"),
         ));
     }
     let version: i64 = conn
@@ -275,16 +293,33 @@ pub(crate) fn validate(path: &Path, meta: &SnapshotMeta) -> Result<(), StoreErro
     ] {
         conn.prepare(&sql).at(path)?;
     }
-    let (last_applied, membership) = read_applied_state(&conn, path)?;
-    if last_applied != meta.last_log_id || membership != meta.last_membership {
-        return Err(StoreError::invalid(
-            path,
-            format!(
-                "snapshot content (last_applied {last_applied:?}, membership {membership}) does not match its meta {meta}"
-            ),
-        ));
+    read_applied_state(conn, path)
+}
+
+/// Writes a consistent, self-contained copy of the live state machine database `source` to
+/// `dst` (which must not exist): `VACUUM INTO` inside one read transaction, switched to a
+/// rollback journal so the single file is the whole copy, and fsynced.
+pub(crate) fn copy_state(source: &Path, dst: &Path) -> Result<(), StoreError> {
+    {
+        let conn = open_live(source, Access::ReadOnly)?;
+        conn.execute("VACUUM INTO ?1", [sql_path(dst)?])
+            .at(source)?;
     }
-    Ok(())
+    {
+        let conn = open_snapshot_file(dst, true)?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "DELETE", |r| r.get(0))
+            .at(dst)?;
+        if !mode.eq_ignore_ascii_case("delete") {
+            return Err(StoreError::invalid(
+                dst,
+                format!("copy journal_mode is {mode}, expected delete"),
+            ));
+        }
+    }
+    fs::File::open(dst)
+        .and_then(|f| f.sync_all())
+        .map_err(StoreError::io("fsync", dst))
 }
 
 /// Builds snapshots of the state machine; runs concurrently with `apply`.
@@ -302,32 +337,15 @@ impl SnapshotBuilder {
 
     fn build_blocking(&self) -> Result<(SnapshotMeta, fs::File), StoreError> {
         let tmp = TempFile::new(self.snapshots.temp_path("build"));
-        {
-            // A separate connection: VACUUM INTO reads inside one read transaction, so the copy
-            // is the database as of one COMMIT, while the state machine keeps applying.
-            let conn = open_live(&self.db_path, Access::ReadOnly)?;
-            conn.execute("VACUUM INTO ?1", [sql_path(tmp.path())?])
-                .at(&self.db_path)?;
-        }
+        // A separate connection: VACUUM INTO reads inside one read transaction, so the copy
+        // is the database as of one COMMIT, while the state machine keeps applying.
+        copy_state(&self.db_path, tmp.path())?;
+        // The meta is read from the copy itself, so it describes exactly what was copied.
         let (last_log_id, last_membership) = {
-            let conn = open_snapshot_file(tmp.path(), true)?;
-            // A snapshot is one self-contained file: no WAL beside it.
-            let mode: String = conn
-                .pragma_update_and_check(None, "journal_mode", "DELETE", |r| r.get(0))
-                .at(tmp.path())?;
-            if !mode.eq_ignore_ascii_case("delete") {
-                return Err(StoreError::invalid(
-                    tmp.path(),
-                    format!("snapshot journal_mode is {mode}, expected delete"),
-                ));
-            }
-            // The meta is read from the copy itself, so it describes exactly what was copied.
+            let conn = open_snapshot_file(tmp.path(), false)?;
             read_applied_state(&conn, tmp.path())?
         };
-        // Durability: the snapshot's bytes are on disk before it is published.
-        fs::File::open(tmp.path())
-            .and_then(|f| f.sync_all())
-            .map_err(StoreError::io("fsync", tmp.path()))?;
+        // Durability: copy_state fsynced the snapshot's bytes before it is published.
 
         let millis = chrono::Utc::now().timestamp_millis();
         let snapshot_id = match &last_log_id {
@@ -347,9 +365,11 @@ impl SnapshotBuilder {
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
         let builder = SnapshotBuilder::new(self.db_path.clone(), self.snapshots.clone());
+        let started = std::time::Instant::now();
         let (meta, file) = blocking(move || builder.build_blocking())
             .await
             .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
+        crate::metrics::SNAPSHOT_BUILD.observe(started.elapsed());
         Ok(Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),

@@ -439,6 +439,12 @@ impl Cluster {
     /// Adds node `len + 1`: the first bootstraps, later ones join through the first running
     /// node's API. Waits until every running node lists it as a voter. Returns its id.
     pub async fn add_node(&mut self) -> u64 {
+        self.add_node_prepared(&|_| {}).await
+    }
+
+    /// Like [`Cluster::add_node`], and calls `prepare` with the node after its config is
+    /// written and before it starts (again on a retry with new ports).
+    pub async fn add_node_prepared(&mut self, prepare: &dyn Fn(&Node)) -> u64 {
         let id = self.nodes.len() as u64 + 1;
         let dir = self.root().join(format!("node{id}"));
         std::fs::create_dir_all(&dir).expect("creating a node dir");
@@ -469,7 +475,7 @@ impl Cluster {
             child: None,
             starts: 0,
         });
-        self.launch_fresh(id).await;
+        self.launch_fresh(id, prepare).await;
         let mut voters = self.running();
         voters.sort_unstable();
         self.wait_members(&voters, FORM_TIMEOUT).await;
@@ -478,7 +484,7 @@ impl Cluster {
 
     /// First start of a node: pick ports, write the config, start, and wait for /healthz.
     /// A start that fails because a picked port was taken meanwhile is retried on new ports.
-    async fn launch_fresh(&mut self, id: u64) {
+    async fn launch_fresh(&mut self, id: u64, prepare: &dyn Fn(&Node)) {
         for attempt in 1..=3 {
             {
                 let opts = self.opts.clone();
@@ -487,6 +493,7 @@ impl Cluster {
                 node.config.raft = free_addr();
                 node.write_config(&opts);
             }
+            prepare(self.node(id));
             let offset = self.node_mut(id).spawn();
             match self.wait_healthy(id, START_TIMEOUT).await {
                 Ok(()) => return,
