@@ -545,3 +545,77 @@ async fn cluster_overview_and_page_files_over_http() {
     assert_eq!(missing.code(), 404);
     assert_eq!(missing.error_code().as_deref(), Some("not_found"));
 }
+
+/// With client tokens on, the page asks for one, keeps it for the tab, sends with it and
+/// follows the stream with it (through the cookie EventSource carries), and never puts it into
+/// the page's URL.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_page_asks_for_a_client_token_when_tokens_are_on() {
+    let Some(browser) = browser_or_skip() else {
+        return;
+    };
+    const TOKEN: &str = "tok-web-page-7f3a";
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let tokens_file = dir.path().join("tokens.toml");
+    let digest: String = chatraftd::security::sha256::sha256(TOKEN.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    std::fs::write(
+        &tokens_file,
+        format!(
+            "[[token]]\nname = \"web\"\nsha256 = \"{digest}\"\nscopes = [\"read\", \"write\"]\n"
+        ),
+    )
+    .expect("writing the tokens file");
+    let c = Cluster::start(Options {
+        security_toml: format!("tokens_file = {:?}", tokens_file.display().to_string()),
+        ..Options::nodes(1)
+    })
+    .await;
+    let mut driver = Driver::start(browser).await;
+    let s = driver.session(900, 700).await;
+    s.goto(&format!("http://{}/#/chat/{CONV}", c.api(1))).await;
+
+    // Refused without a token: the page asks for one.
+    s.wait_for(
+        "the token form",
+        WAIT,
+        "return !document.getElementById('token-form').hidden;",
+        |v| {
+            if v == &json!(true) {
+                Ok(())
+            } else {
+                Err(v.to_string())
+            }
+        },
+    )
+    .await;
+    let input = s.find("#token-input").await;
+    s.send_keys(&input, TOKEN).await;
+    let button = s.find("#token-form button").await;
+    s.click(&button).await;
+
+    // With the token the stream goes live and a message sent from the page is stored.
+    let p = Page { s, node: 1 };
+    p.wait_live().await;
+    p.set_sender("tina").await;
+    p.send("sent with a token").await;
+    let shown = p.wait_messages(1).await;
+    assert_eq!(shown.len(), 1);
+    assert_eq!(shown[0].4, "sent with a token");
+    let stored = api_rows(&c, 1).await;
+    assert_eq!(shown, stored, "the page shows what the node stored");
+    let where_is_it =
+        p.s.exec(
+            "return [location.href, sessionStorage.getItem('chatraftd.token')];",
+            &[],
+        )
+        .await;
+    assert!(
+        !where_is_it[0].as_str().unwrap_or_default().contains(TOKEN),
+        "the token must not be in the page's URL: {where_is_it}"
+    );
+    assert_eq!(where_is_it[1], json!(TOKEN), "kept for the tab");
+    p.s.close().await;
+}

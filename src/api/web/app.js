@@ -1,8 +1,12 @@
 // chatraftd web page: live chat over Server-Sent Events and a picture of the cluster.
 //
 // It talks only to the node that served it. Every string from the network is put on the page
-// with textContent, never parsed as HTML. Every request goes through request() or openStream(),
-// the two places a client token will be added once the daemon has them.
+// with textContent, never parsed as HTML. Every request goes through request() or openStream().
+//
+// Client tokens: when the node answers 401, the page asks for a token and keeps it in
+// sessionStorage (this tab, until it closes). fetch() sends it as `Authorization: Bearer`.
+// EventSource cannot set headers, so the token also goes into a session cookie scoped to the
+// stream's path; it is never put into a URL, where it would end up in logs and history.
 'use strict';
 
 (() => {
@@ -10,6 +14,10 @@
   const CHART_SPAN_MS = 5 * 60 * 1000;
   const SEND_GIVE_UP_MS = 2 * 60 * 1000;
   const STORE_SENDER = 'chatraftd.sender';
+  const STORE_TOKEN = 'chatraftd.token';
+  const TOKEN_COOKIE = 'chatraftd_token';
+  // Printable ASCII without the characters a cookie value cannot hold.
+  const tokenFits = (t) => /^[\x21-\x7e]{1,512}$/.test(t) && !/[",;\\]/.test(t);
 
   const $ = (id) => document.getElementById(id);
 
@@ -37,8 +45,26 @@
     }
   }
 
+  const token = () => sessionStorage.getItem(STORE_TOKEN);
+
+  // The cookie carries the token to the stream only: scoped to its path, gone with the session.
+  function setTokenCookie(t) {
+    const secure = location.protocol === 'https:' ? '; Secure' : '';
+    document.cookie = `${TOKEN_COOKIE}=${t}; Path=/api/v1/stream; SameSite=Strict${secure}`;
+  }
+
+  // Shows the token form; `why` says what happened.
+  function askForToken(why) {
+    const form = $('token-form');
+    if (!form.hidden) return;
+    $('token-why').textContent = why;
+    form.hidden = false;
+    $('token-input').focus();
+  }
+
   async function request(method, path, body) {
     const init = { method, headers: { Accept: 'application/json' }, cache: 'no-store' };
+    if (token()) init.headers.Authorization = `Bearer ${token()}`;
     if (body !== undefined) {
       init.headers['Content-Type'] = 'application/json';
       init.body = JSON.stringify(body);
@@ -50,6 +76,9 @@
       throw new RequestError(0, null, null);
     }
     const data = await resp.json().catch(() => null);
+    if (resp.status === 401) {
+      askForToken(token() ? 'This node refused the token. Enter another one.' : 'This node needs a client token.');
+    }
     if (!resp.ok) throw new RequestError(resp.status, data, resp.headers.get('Retry-After'));
     return data;
   }
@@ -440,6 +469,20 @@
   }
 
   function start() {
+    if (token()) setTokenCookie(token());
+    $('token-form').addEventListener('submit', (ev) => {
+      ev.preventDefault();
+      const t = $('token-input').value.trim();
+      if (!tokenFits(t)) {
+        $('token-why').textContent = 'A token is printable text without spaces, quotes, commas or semicolons.';
+        return;
+      }
+      sessionStorage.setItem(STORE_TOKEN, t);
+      setTokenCookie(t);
+      // Start over with the token: every view and the stream pick it up.
+      location.reload();
+    });
+
     const senderInput = $('sender-input');
     senderInput.value = localStorage.getItem(STORE_SENDER) || `guest-${uuid().slice(0, 4)}`;
     senderInput.addEventListener('change', () => {
