@@ -220,16 +220,7 @@ fn not_ready_reason(state: &AppState) -> Option<String> {
 }
 
 async fn join(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Status, ApiError> {
-    let req: JoinRequest = serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", e.to_string())
-        }
-        _ => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the body is not valid JSON: {e}"),
-        ),
-    })?;
+    let req: JoinRequest = serde_json::from_slice(body).map_err(ApiError::from_json)?;
     if req.node_id == 0 {
         return Err(ApiError::invalid_field("node_id", "must be 1 or more"));
     }
@@ -238,43 +229,17 @@ async fn join(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Stat
             return Err(ApiError::invalid_field(field, "must be host:port"));
         }
     }
-    let deadline = Instant::now() + state.write_timeout.max(MIN_JOIN_TIMEOUT);
-    let forwarded = headers.contains_key(FORWARDED_HEADER);
-    loop {
-        let leader = state.raft.metrics().borrow().current_leader;
-        match leader {
-            Some(id) if id == state.node_id => return join_as_leader(state, req, deadline).await,
-            Some(id) if !forwarded => {
-                let addr = state
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .get_node(&id)
-                    .map(|n| n.api_addr.clone());
-                if let Some(addr) = addr {
-                    if let Some(result) = forward_join(state, &addr, body, deadline).await {
-                        return result;
-                    }
-                }
-            }
-            Some(_) => {
-                return Err(ApiError {
-                    code: "not_leader",
-                    ..ApiError::unavailable("this node is not the leader")
-                })
-            }
-            None => {}
-        }
-        if Instant::now() >= deadline {
-            return Err(ApiError::unavailable(
-                "no leader could take the join in time",
-            ));
-        }
-        let mut metrics = state.raft.metrics();
-        let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
-    }
+    let forward = Forward {
+        what: "join",
+        method: hyper::Method::POST,
+        path: "/join".to_string(),
+        body: Bytes::copy_from_slice(body),
+        codes: &["node_conflict", "cluster_full", "invalid_field"],
+    };
+    on_leader(state, headers, forward, |deadline| {
+        join_as_leader(state, req, deadline)
+    })
+    .await
 }
 
 fn looks_like_host_port(s: &str) -> bool {
@@ -285,49 +250,6 @@ fn looks_like_host_port(s: &str) -> bool {
                 && port.parse::<u16>().is_ok_and(|p| p > 0)
         }
         None => false,
-    }
-}
-
-/// Returns None when the leader could not be reached and the caller should look again.
-async fn forward_join(
-    state: &AppState,
-    addr: &str,
-    body: &[u8],
-    deadline: Instant,
-) -> Option<Result<Status, ApiError>> {
-    let left = deadline.saturating_duration_since(Instant::now());
-    let resp = state
-        .client
-        .request(
-            hyper::Method::POST,
-            addr,
-            "/join",
-            &[
-                ("content-type", "application/json"),
-                (FORWARDED_HEADER, "1"),
-            ],
-            Bytes::copy_from_slice(body),
-            left,
-        )
-        .await
-        .ok()?;
-    match resp.status {
-        StatusCode::OK => Some(Ok(status(state))),
-        StatusCode::SERVICE_UNAVAILABLE => None,
-        s => {
-            let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or_default();
-            let code = match v["error"]["code"].as_str() {
-                Some("node_conflict") => "node_conflict",
-                Some("cluster_full") => "cluster_full",
-                Some("invalid_field") => "invalid_field",
-                _ => "internal",
-            };
-            let message = v["error"]["message"]
-                .as_str()
-                .unwrap_or("the leader refused the join")
-                .to_string();
-            Some(Err(ApiError::new(s, code, message)))
-        }
     }
 }
 
@@ -419,14 +341,49 @@ async fn remove(
     headers: &HeaderMap,
     node_id: NodeId,
 ) -> Result<Status, ApiError> {
+    let forward = Forward {
+        what: "removal",
+        method: hyper::Method::DELETE,
+        path: format!("/api/v1/cluster/nodes/{node_id}"),
+        body: Bytes::new(),
+        codes: &["not_found", "invalid_field"],
+    };
+    on_leader(state, headers, forward, |deadline| {
+        remove_as_leader(state, node_id, deadline)
+    })
+    .await
+}
+
+/// A membership request as this node would pass it on to the leader.
+struct Forward {
+    /// What it is, for error messages: "join", "removal".
+    what: &'static str,
+    method: hyper::Method,
+    path: String,
+    body: Bytes,
+    /// Error codes of the leader's answer passed on as they are; others become `internal`.
+    codes: &'static [&'static str],
+}
+
+/// Runs a membership change on the leader: here when this node leads, else by forwarding it
+/// (once: a forwarded request is never forwarded again), waiting for a leader within the
+/// join deadline.
+async fn on_leader<F, Fut>(
+    state: &AppState,
+    headers: &HeaderMap,
+    forward: Forward,
+    local: F,
+) -> Result<Status, ApiError>
+where
+    F: FnOnce(Instant) -> Fut,
+    Fut: std::future::Future<Output = Result<Status, ApiError>>,
+{
     let deadline = Instant::now() + state.write_timeout.max(MIN_JOIN_TIMEOUT);
     let forwarded = headers.contains_key(FORWARDED_HEADER);
     loop {
         let leader = state.raft.metrics().borrow().current_leader;
         match leader {
-            Some(id) if id == state.node_id => {
-                return remove_as_leader(state, node_id, deadline).await
-            }
+            Some(id) if id == state.node_id => return local(deadline).await,
             Some(id) if !forwarded => {
                 let addr = state
                     .raft
@@ -437,7 +394,7 @@ async fn remove(
                     .get_node(&id)
                     .map(|n| n.api_addr.clone());
                 if let Some(addr) = addr {
-                    if let Some(result) = forward_remove(state, &addr, node_id, deadline).await {
+                    if let Some(result) = forward_to(state, &addr, &forward, deadline).await {
                         return result;
                     }
                 }
@@ -451,9 +408,10 @@ async fn remove(
             None => {}
         }
         if Instant::now() >= deadline {
-            return Err(ApiError::unavailable(
-                "no leader could take the removal in time",
-            ));
+            return Err(ApiError::unavailable(format!(
+                "no leader could take the {} in time",
+                forward.what
+            )));
         }
         let mut metrics = state.raft.metrics();
         let _ = tokio::time::timeout(Duration::from_millis(200), metrics.changed()).await;
@@ -461,21 +419,24 @@ async fn remove(
 }
 
 /// Returns None when the leader could not be reached and the caller should look again.
-async fn forward_remove(
+async fn forward_to(
     state: &AppState,
     addr: &str,
-    node_id: NodeId,
+    forward: &Forward,
     deadline: Instant,
 ) -> Option<Result<Status, ApiError>> {
     let left = deadline.saturating_duration_since(Instant::now());
     let resp = state
         .client
         .request(
-            hyper::Method::DELETE,
+            forward.method.clone(),
             addr,
-            &format!("/api/v1/cluster/nodes/{node_id}"),
-            &[(FORWARDED_HEADER, "1")],
-            Bytes::new(),
+            &forward.path,
+            &[
+                ("content-type", "application/json"),
+                (FORWARDED_HEADER, "1"),
+            ],
+            forward.body.clone(),
             left,
         )
         .await
@@ -485,15 +446,15 @@ async fn forward_remove(
         StatusCode::SERVICE_UNAVAILABLE => None,
         s => {
             let v: serde_json::Value = serde_json::from_slice(&resp.body).unwrap_or_default();
-            let code = match v["error"]["code"].as_str() {
-                Some("not_found") => "not_found",
-                Some("invalid_field") => "invalid_field",
-                _ => "internal",
-            };
+            let code = v["error"]["code"]
+                .as_str()
+                .and_then(|c| forward.codes.iter().find(|known| **known == c))
+                .copied()
+                .unwrap_or("internal");
             let message = v["error"]["message"]
                 .as_str()
-                .unwrap_or("the leader refused the removal")
-                .to_string();
+                .map(str::to_string)
+                .unwrap_or_else(|| format!("the leader refused the {}", forward.what));
             Some(Err(ApiError::new(s, code, message)))
         }
     }

@@ -43,6 +43,21 @@ impl ApiError {
         )
     }
 
+    /// 400 for a request body that does not decode: `invalid_json` when it is not JSON at all,
+    /// `invalid_field` when a field is missing, unknown or of the wrong type (serde names it).
+    pub fn from_json(e: serde_json::Error) -> Self {
+        match e.classify() {
+            serde_json::error::Category::Data => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_field", e.to_string())
+            }
+            _ => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON: {e}"),
+            ),
+        }
+    }
+
     /// 503 with `Retry-After`: the cluster cannot serve this now, a retry may succeed.
     pub fn unavailable(message: impl Into<String>) -> Self {
         ApiError {

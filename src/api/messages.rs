@@ -124,16 +124,7 @@ fn validate(headers: &HeaderMap, body: &[u8], limits: &Limits) -> Result<Validat
             "send the message as Content-Type: application/json",
         ));
     }
-    let parsed: PostBody = serde_json::from_slice(body).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_field", e.to_string())
-        }
-        _ => ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "invalid_json",
-            format!("the body is not valid JSON: {e}"),
-        ),
-    })?;
+    let parsed: PostBody = serde_json::from_slice(body).map_err(ApiError::from_json)?;
 
     let conv_id = match parsed.conv_id {
         None | Some(Value::Null) => DEFAULT_CONV.to_string(),
