@@ -46,7 +46,7 @@ pub struct ClusterSecret {
 
 impl ClusterSecret {
     /// Reads and checks the secret file: a regular file, mode 0600 or stricter, owned by the
-    /// user running the daemon (or by root, for `--check-config` run as root), holding at
+    /// user running the daemon or by root (any owner when root runs it), holding at
     /// least 16 bytes after trimming white space at the ends.
     pub fn load(path: &Path) -> Result<ClusterSecret, String> {
         let shown = path.display();
@@ -62,7 +62,9 @@ impl ClusterSecret {
             ));
         }
         let euid = nix::unistd::geteuid().as_raw();
-        if meta.uid() != euid && meta.uid() != 0 {
+        // Root may check a file owned by the daemon's user (`sudo chatraftd --check-config`);
+        // the daemon itself, under its own user, still needs the file to be its own or root's.
+        if euid != 0 && meta.uid() != euid && meta.uid() != 0 {
             return Err(format!(
                 "{shown}: is owned by uid {}, not by the user running chatraftd (uid {euid})",
                 meta.uid()
