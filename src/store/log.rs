@@ -28,7 +28,10 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::{blocking, ensure_schema, lock, open_live, to_sql, Access, SqlContext, StoreError};
+use super::{
+    blocking, ensure_schema, lock, open_live, put_json, to_sql, Access, KvTable, SqlContext,
+    StoreError,
+};
 use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 const SCHEMA: &str = "
@@ -192,18 +195,7 @@ fn put_meta<T: Serialize>(
     key: &'static str,
     value: &T,
 ) -> Result<(), StoreError> {
-    let json = serde_json::to_string(value).map_err(|source| StoreError::Serde {
-        what: key,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    tx.execute(
-        "INSERT INTO meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (key, json),
-    )
-    .at(path)?;
-    Ok(())
+    put_json(tx, path, KvTable::Log, key, value)
 }
 
 fn decode_entry(path: &Path, json: &str) -> Result<Entry, StoreError> {

@@ -256,6 +256,43 @@ pub(crate) fn ensure_schema(
     tx.commit().at(path)
 }
 
+/// The key/value tables: `meta` in `raft-log.db`, `sm_meta` in `messages.db`.
+#[derive(Clone, Copy)]
+pub(crate) enum KvTable {
+    Log,
+    StateMachine,
+}
+
+/// Sets `key` to `value`, as JSON, in one of the key/value tables.
+pub(crate) fn put_json<T: serde::Serialize>(
+    conn: &Connection,
+    path: &Path,
+    table: KvTable,
+    key: &'static str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let json = serde_json::to_string(value).map_err(|source| StoreError::Serde {
+        what: key,
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let sql = match table {
+        KvTable::Log => {
+            "INSERT INTO meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        }
+        KvTable::StateMachine => {
+            "INSERT INTO sm_meta (key, value) VALUES (?1, ?2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        }
+    };
+    conn.prepare_cached(sql)
+        .at(path)?
+        .execute((key, json))
+        .at(path)?;
+    Ok(())
+}
+
 /// Converts a log index, term or sequence number to SQLite's signed integer.
 pub(crate) fn to_sql(v: u64, what: &str, path: &Path) -> Result<i64, StoreError> {
     i64::try_from(v).map_err(|_| {

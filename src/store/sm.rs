@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use super::reader::record_by_msg_id;
 use super::snapshot::{self, SnapshotBuilder, SnapshotDir, TempFile};
 use super::{
-    blocking, ensure_schema, from_sql, lock, open_live, sql_path, to_sql, Access, SqlContext,
-    StoreError,
+    blocking, ensure_schema, from_sql, lock, open_live, put_json, sql_path, to_sql, Access,
+    KvTable, SqlContext, StoreError,
 };
 use crate::types::{
     format_millis, Entry, LogId, NewMessage, Record, Request, Response, SnapshotMeta, StorageError,
@@ -154,19 +154,7 @@ fn put_sm_meta<T: serde::Serialize>(
     key: &'static str,
     value: &T,
 ) -> Result<(), StoreError> {
-    let json = serde_json::to_string(value).map_err(|source| StoreError::Serde {
-        what: key,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    tx.prepare_cached(
-        "INSERT INTO sm_meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )
-    .at(path)?
-    .execute((key, json))
-    .at(path)?;
-    Ok(())
+    put_json(tx, path, KvTable::StateMachine, key, value)
 }
 
 /// Replaces the membership stored in a standalone state file (a backup being restored).
@@ -175,18 +163,13 @@ pub(crate) fn set_state_membership(
     path: &Path,
     membership: &StoredMembership,
 ) -> Result<(), StoreError> {
-    let json = serde_json::to_string(membership).map_err(|source| StoreError::Serde {
-        what: KEY_MEMBERSHIP,
-        path: path.to_path_buf(),
-        source,
-    })?;
-    conn.execute(
-        "INSERT INTO sm_meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (KEY_MEMBERSHIP, json),
+    put_json(
+        conn,
+        path,
+        KvTable::StateMachine,
+        KEY_MEMBERSHIP,
+        membership,
     )
-    .at(path)?;
-    Ok(())
 }
 
 /// Collects the payload bytes of the messages `response` newly stored, for `/metrics`.
