@@ -13,7 +13,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::Filter;
 
 use super::error::reply_json;
-use super::{limited_body, with_state, ApiError, AppState, FORWARDED_HEADER};
+use super::{limited_body, with_state, ApiError, AppState, Leader, FORWARDED_HEADER};
 use crate::types::{Node, NodeId};
 
 /// A join waits this long at least: a new node may need a whole snapshot before it is a voter.
@@ -381,31 +381,22 @@ where
     let deadline = Instant::now() + state.write_timeout.max(MIN_JOIN_TIMEOUT);
     let forwarded = headers.contains_key(FORWARDED_HEADER);
     loop {
-        let leader = state.raft.metrics().borrow().current_leader;
-        match leader {
-            Some(id) if id == state.node_id => return local(deadline).await,
-            Some(id) if !forwarded => {
-                let addr = state
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .get_node(&id)
-                    .map(|n| n.api_addr.clone());
+        match state.leader() {
+            Leader::Me => return local(deadline).await,
+            Leader::Other(_, addr) if !forwarded => {
                 if let Some(addr) = addr {
                     if let Some(result) = forward_to(state, &addr, &forward, deadline).await {
                         return result;
                     }
                 }
             }
-            Some(_) => {
+            Leader::Other(..) => {
                 return Err(ApiError {
                     code: "not_leader",
                     ..ApiError::unavailable("this node is not the leader")
                 })
             }
-            None => {}
+            Leader::Unknown => {}
         }
         if Instant::now() >= deadline {
             return Err(ApiError::unavailable(format!(

@@ -15,7 +15,7 @@ use warp::{Filter, Reply};
 
 use super::batcher::Proposed;
 use super::error::reply_json;
-use super::{limited_body, with_state, ApiError, AppState, FORWARDED_HEADER};
+use super::{limited_body, with_state, ApiError, AppState, Leader, FORWARDED_HEADER};
 use crate::config::Limits;
 use crate::types::{NewMessage, NodeId, Record, Response, VectorClock};
 
@@ -280,12 +280,6 @@ struct Written {
     log_index: u64,
 }
 
-/// Where a write goes next.
-enum Route {
-    Local,
-    Forward(NodeId, String),
-}
-
 /// Stores `msg` through the leader and returns the record once it is applied on this node.
 async fn write(state: &AppState, msg: Validated, forwarded: bool) -> Result<Written, ApiError> {
     let deadline = Instant::now() + state.write_timeout;
@@ -311,24 +305,13 @@ async fn write(state: &AppState, msg: Validated, forwarded: bool) -> Result<Writ
 
     let mut metrics = state.raft.metrics();
     loop {
-        let route = {
-            let m = metrics.borrow_and_update();
-            match m.current_leader {
-                Some(id) if id == state.node_id => Some(Route::Local),
-                Some(id) => m
-                    .membership_config
-                    .membership()
-                    .get_node(&id)
-                    .map(|n| Route::Forward(id, n.api_addr.clone())),
-                None => None,
-            }
-        };
-        let outcome = match route {
-            Some(Route::Local) => propose(state, &msg, deadline).await,
-            Some(Route::Forward(leader, addr)) if !forwarded => {
+        let leader = Leader::from_metrics(&metrics.borrow_and_update(), state.node_id);
+        let outcome = match leader {
+            Leader::Me => propose(state, &msg, deadline).await,
+            Leader::Other(leader, Some(addr)) if !forwarded => {
                 forward(state, &msg, leader, &addr, deadline).await
             }
-            Some(Route::Forward(leader, _)) => {
+            Leader::Other(leader, Some(_)) => {
                 return Err(ApiError {
                     code: "not_leader",
                     ..ApiError::unavailable(format!(
@@ -337,7 +320,8 @@ async fn write(state: &AppState, msg: Validated, forwarded: bool) -> Result<Writ
                     ))
                 })
             }
-            None => Attempt::Retry,
+            // A leader without a known address: look again once the metrics move.
+            Leader::Other(_, None) | Leader::Unknown => Attempt::Retry,
         };
         match outcome {
             Attempt::Done(w) => {
@@ -687,24 +671,10 @@ async fn history(
 async fn linearizable_barrier(state: &AppState) -> Result<(), ApiError> {
     let deadline = Instant::now() + state.write_timeout;
     let index = loop {
-        let leader = state.raft.metrics().borrow().current_leader;
-        let attempt = match leader {
-            Some(id) if id == state.node_id => leader_read_index(state).await.map(Some),
-            Some(id) => {
-                let addr = state
-                    .raft
-                    .metrics()
-                    .borrow()
-                    .membership_config
-                    .membership()
-                    .get_node(&id)
-                    .map(|n| n.api_addr.clone());
-                match addr {
-                    Some(addr) => remote_read_index(state, &addr, deadline).await,
-                    None => Ok(None),
-                }
-            }
-            None => Ok(None),
+        let attempt = match state.leader() {
+            Leader::Me => leader_read_index(state).await.map(Some),
+            Leader::Other(_, Some(addr)) => remote_read_index(state, &addr, deadline).await,
+            Leader::Other(_, None) | Leader::Unknown => Ok(None),
         };
         match attempt {
             Ok(Some(index)) => break index,

@@ -65,7 +65,41 @@ pub struct AppState {
     pub data_dir: std::path::PathBuf,
 }
 
+/// Who leads, as this node's Raft metrics say.
+pub(crate) enum Leader {
+    /// This node.
+    Me,
+    /// Another node, with its API address when the membership lists it.
+    Other(NodeId, Option<String>),
+    /// No leader is known.
+    Unknown,
+}
+
+impl Leader {
+    /// Reads the leader and its address from one snapshot of the metrics.
+    pub(crate) fn from_metrics(
+        m: &openraft::RaftMetrics<NodeId, crate::types::Node>,
+        me: NodeId,
+    ) -> Leader {
+        match m.current_leader {
+            Some(id) if id == me => Leader::Me,
+            Some(id) => Leader::Other(
+                id,
+                m.membership_config
+                    .membership()
+                    .get_node(&id)
+                    .map(|n| n.api_addr.clone()),
+            ),
+            None => Leader::Unknown,
+        }
+    }
+}
+
 impl AppState {
+    pub(crate) fn leader(&self) -> Leader {
+        Leader::from_metrics(&self.raft.metrics().borrow(), self.node_id)
+    }
+
     pub fn new(
         config: &Config,
         raft: Raft,
