@@ -26,12 +26,38 @@ const SEND_ATTEMPTS: u32 = 8;
 
 #[derive(clap::Args, Debug)]
 pub struct NodeArgs {
-    /// The node's API address
-    #[arg(long, default_value = DEFAULT_NODE, value_name = "HOST:PORT")]
+    /// The node's API address, or its URL (https://HOST:PORT for a node with tls.api)
+    #[arg(long, default_value = DEFAULT_NODE, value_name = "HOST:PORT|URL")]
     node: String,
+    /// The CA to check an HTTPS node's certificate against (PEM); implies https://
+    #[arg(long, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// Print JSON instead of text
     #[arg(long)]
     json: bool,
+}
+
+impl NodeArgs {
+    /// The client for `--node`: HTTPS checked against `--ca-file` when one is given.
+    fn client(&self) -> Result<HttpClient, Failure> {
+        match &self.ca_file {
+            None if self.node.starts_with("https://") => Err(Failure {
+                code: 2,
+                message: format!(
+                    "{} is an https:// address: name the CA that signed its certificate with --ca-file",
+                    self.node
+                ),
+            }),
+            None => Ok(HttpClient::new()),
+            Some(ca) => {
+                let tls = crate::tls::client_trusting(ca).map_err(|m| Failure {
+                    code: 2,
+                    message: format!("--ca-file: {m}"),
+                })?;
+                Ok(HttpClient::with_tls(Some(tls), true))
+            }
+        }
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -170,7 +196,7 @@ fn num(v: &Value, key: &str) -> u64 {
 
 pub fn status(args: NodeArgs) -> ExitCode {
     run_async(async move {
-        let s = get_json(&HttpClient::new(), &args.node, "/api/v1/status").await?;
+        let s = get_json(&args.client()?, &args.node, "/api/v1/status").await?;
         if args.json {
             print_json(&s);
             return Ok(());
@@ -195,7 +221,7 @@ pub fn status(args: NodeArgs) -> ExitCode {
 
 pub fn members(args: NodeArgs) -> ExitCode {
     run_async(async move {
-        let s = get_json(&HttpClient::new(), &args.node, "/api/v1/status").await?;
+        let s = get_json(&args.client()?, &args.node, "/api/v1/status").await?;
         let leader = s["leader"]["node_id"].as_u64();
         let members = s["members"].as_array().cloned().unwrap_or_default();
         if args.json {
@@ -222,7 +248,7 @@ pub fn members(args: NodeArgs) -> ExitCode {
 
 pub fn send(args: SendArgs) -> ExitCode {
     run_async(async move {
-        let client = HttpClient::new();
+        let client = args.node.client()?;
         let msg_id = args.msg_id.unwrap_or_else(uuid::Uuid::new_v4);
         let body = serde_json::json!({
             "conv_id": args.conv,
@@ -334,7 +360,7 @@ fn take_events(buf: &mut BytesMut, out: &mut Vec<Event>) {
 
 pub fn tail(args: TailArgs) -> ExitCode {
     run_async(async move {
-        let client = HttpClient::new();
+        let client = args.node.client()?;
         let node = args.node.node.clone();
         let mut last_id: Option<String> = None;
         let mut printed = 0u64;

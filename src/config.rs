@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::NodeId;
 
+/// The shortest `api.header_read_timeout_ms`: above the time nodes keep idle connections to
+/// each other, so a node never reuses a connection its peer is closing.
+const MIN_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+
 /// The default location of the config file.
 pub const DEFAULT_PATH: &str = "/etc/chatraftd/chatraftd.toml";
 /// Environment variables with this prefix override file keys; `__` separates table and key
@@ -38,6 +42,7 @@ pub struct Config {
     pub raft: RaftConfig,
     pub limits: Limits,
     pub security: SecurityConfig,
+    pub tls: TlsConfig,
     pub log: LogConfig,
 }
 
@@ -52,6 +57,15 @@ pub struct ApiConfig {
     pub write_timeout_ms: u64,
     /// Interval of keep-alive comments on idle event streams.
     pub sse_keepalive_secs: u64,
+    /// A client must send a request's whole head (request line and headers) within this time
+    /// of starting it, or of the previous answer on a kept-alive connection; else the
+    /// connection is closed. Slow or idle clients cannot hold connections forever.
+    pub header_read_timeout_ms: u64,
+    /// A request's body must be read and its answer begun within this time (408 after it).
+    /// Event streams count only until their first byte.
+    pub request_timeout_ms: u64,
+    /// The largest request head (request line and all headers) accepted (431 above it).
+    pub max_header_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,6 +106,10 @@ pub struct Limits {
     pub write_burst: u32,
     /// `/join` refuses a new node when the cluster has this many members.
     pub max_cluster_size: usize,
+    /// Event-stream subscribers this node serves at once (503 above it).
+    pub max_subscribers: usize,
+    /// Event-stream subscribers one client address may hold at once (503 above it).
+    pub max_subscribers_per_address: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +124,28 @@ pub struct SecurityConfig {
     /// A TOML file of client tokens (hashed); empty: the client API needs no token.
     /// Re-read on SIGHUP.
     pub tokens_file: String,
+}
+
+/// TLS with certificates and keys in PEM files. One cluster CA signs every node's certificate;
+/// peers check each other against it in both directions on the Raft listener (mutual TLS).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Mutual TLS on the Raft listener and on every Raft RPC this node sends.
+    pub raft: bool,
+    /// HTTPS on the client API. Nodes then also reach each other's API over HTTPS.
+    pub api: bool,
+    /// The cluster CA: peers' certificates (and their API certificates) must chain to it.
+    pub ca_file: String,
+    /// This node's certificate chain, leaf first, valid for its advertised Raft host.
+    pub cert_file: String,
+    /// The private key of `cert_file`.
+    pub key_file: String,
+    /// The API's certificate chain; empty: `cert_file`. Must chain to `ca_file` too, since
+    /// nodes forward requests to each other's API.
+    pub api_cert_file: String,
+    /// The private key of `api_cert_file`; empty: `key_file`.
+    pub api_key_file: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -127,6 +167,9 @@ impl Default for Config {
                 advertise: String::new(),
                 write_timeout_ms: 5_000,
                 sse_keepalive_secs: 15,
+                header_read_timeout_ms: 10_000,
+                request_timeout_ms: 30_000,
+                max_header_bytes: 16 * 1024,
             },
             raft: RaftConfig {
                 listen: "127.0.0.1:12001".into(),
@@ -147,11 +190,22 @@ impl Default for Config {
                 write_rate_per_sec: 100,
                 write_burst: 200,
                 max_cluster_size: 9,
+                max_subscribers: 20_000,
+                max_subscribers_per_address: 256,
             },
             security: SecurityConfig {
                 cluster_secret_file: "/etc/chatraftd/cluster-secret".into(),
                 allow_insecure_cluster: false,
                 tokens_file: String::new(),
+            },
+            tls: TlsConfig {
+                raft: false,
+                api: false,
+                ca_file: String::new(),
+                cert_file: String::new(),
+                key_file: String::new(),
+                api_cert_file: String::new(),
+                api_key_file: String::new(),
             },
             log: LogConfig {
                 level: "info".into(),
@@ -280,6 +334,25 @@ impl Config {
         if self.api.sse_keepalive_secs == 0 {
             return Err(err("api.sse_keepalive_secs", "must be above 0".into()));
         }
+        let a = &self.api;
+        if a.header_read_timeout_ms < MIN_HEADER_READ_TIMEOUT_MS {
+            return Err(err(
+                "api.header_read_timeout_ms",
+                format!("must be at least {MIN_HEADER_READ_TIMEOUT_MS}: nodes keep idle connections to each other for up to {} ms", crate::network::POOL_IDLE_MS),
+            ));
+        }
+        if a.request_timeout_ms <= a.write_timeout_ms {
+            return Err(err(
+                "api.request_timeout_ms",
+                format!(
+                    "must be above api.write_timeout_ms ({}): a write may wait that long for its commit",
+                    a.write_timeout_ms
+                ),
+            ));
+        }
+        if a.max_header_bytes < 1024 {
+            return Err(err("api.max_header_bytes", "must be at least 1024".into()));
+        }
         let l = &self.limits;
         if l.max_payload_bytes == 0 || l.max_sender_bytes == 0 || l.max_page == 0 {
             return Err(err(
@@ -291,6 +364,12 @@ impl Config {
             return Err(err(
                 "limits",
                 "write_rate_per_sec, write_burst and max_cluster_size must be above 0".into(),
+            ));
+        }
+        if l.max_subscribers == 0 || l.max_subscribers_per_address == 0 {
+            return Err(err(
+                "limits",
+                "max_subscribers and max_subscribers_per_address must be above 0".into(),
             ));
         }
         if l.max_body_bytes < l.max_payload_bytes as u64 {
@@ -306,6 +385,27 @@ impl Config {
                  cluster or forge Raft traffic; name a secret file, or set \
                  `security.allow_insecure_cluster = true` to run without one on purpose"
                     .into(),
+            ));
+        }
+        let t = &self.tls;
+        if t.raft || t.api {
+            for (key, value) in [
+                ("tls.ca_file", &t.ca_file),
+                ("tls.cert_file", &t.cert_file),
+                ("tls.key_file", &t.key_file),
+            ] {
+                if value.is_empty() {
+                    return Err(err(
+                        key,
+                        "must name a PEM file when tls.raft or tls.api is on".into(),
+                    ));
+                }
+            }
+        }
+        if t.api_cert_file.is_empty() != t.api_key_file.is_empty() {
+            return Err(err(
+                "tls.api_key_file",
+                "tls.api_cert_file and tls.api_key_file are set together or not at all".into(),
             ));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
@@ -331,6 +431,14 @@ impl Config {
 
     pub fn raft_listen_addr(&self) -> SocketAddr {
         parse_listen(&self.raft.listen).expect("raft.listen was validated")
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.api.request_timeout_ms)
+    }
+
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.api.header_read_timeout_ms)
     }
 
     pub fn write_timeout(&self) -> Duration {

@@ -9,9 +9,11 @@
 //! - [`api`]: the client HTTP API: messages, stream, history, join, status, health, the
 //!   cluster overview, and the web page (`api/web/`, compiled into the binary).
 //! - [`security`]: the cluster secret, client tokens, and who may use which route.
+//! - [`serve`]: the HTTP server loop both listeners run: TLS, header and request limits.
 //! - [`server`]: wiring of one node, bootstrap and join, ordered shutdown.
 //! - [`handoff`]: a stopping leader hands leadership to an up-to-date voter.
 //! - [`sys`]: logging and signals.
+//! - [`tls`]: rustls: HTTPS for the API, mutual TLS between peers, the client connector.
 //! - [`metrics`]: process-wide counters and histograms, and the Prometheus text format.
 //! - [`local_cluster`]: the `local-cluster` subcommand.
 //! - [`chaos`]: the fault-injection harness and history checker behind `chatraftd-chaos`.
@@ -29,7 +31,9 @@ pub mod local_cluster;
 pub mod metrics;
 pub mod network;
 pub mod security;
+pub mod serve;
 pub mod server;
 pub mod store;
 pub mod sys;
+pub mod tls;
 pub mod types;

@@ -31,13 +31,16 @@ use serde::{Deserialize, Serialize};
 use warp::Filter;
 
 use crate::security::{self, Security, SECRET_HEADER};
+use crate::tls::Connector;
 use crate::types::{Node, NodeId, Raft, TypeConfig};
 
 /// The one HTTP client of a node: keep-alive connections to peers are pooled and reused by
 /// Raft RPC and by forwarded client requests alike.
 #[derive(Clone)]
 pub struct HttpClient {
-    inner: Client<HttpConnector, Full<Bytes>>,
+    inner: Client<Connector, Full<Bytes>>,
+    /// `http` or `https`: how to reach an address given without a scheme (API addresses).
+    api_scheme: &'static str,
     /// Sent in [`SECRET_HEADER`] on every request: every request a node sends goes to
     /// another member (Raft RPC, forwarded writes and joins, read-index, status).
     cluster_secret: Option<Arc<str>>,
@@ -67,18 +70,41 @@ impl Default for HttpClient {
     }
 }
 
+/// How long an idle pooled connection is kept. Below the shortest header read timeout a
+/// node allows (`api.header_read_timeout_ms`), so a node never reuses a connection its peer
+/// is closing for idleness.
+pub const POOL_IDLE_MS: u64 = 4_000;
+
 impl HttpClient {
+    /// A plain-HTTP client.
     pub fn new() -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Self::with_tls(None, false)
+    }
+
+    /// A client that speaks TLS with `tls` to `https://` addresses; with `api_https`,
+    /// addresses given without a scheme are reached over HTTPS too.
+    pub fn with_tls(tls: Option<Arc<rustls::ClientConfig>>, api_https: bool) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(2)));
         let inner = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(Duration::from_millis(POOL_IDLE_MS))
             .pool_max_idle_per_host(64)
-            .build(connector);
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(Connector::new(http, tls));
         HttpClient {
             inner,
+            api_scheme: if api_https { "https" } else { "http" },
             cluster_secret: None,
+        }
+    }
+
+    /// The URI of `path_and_query` at `addr`: `host:port`, or a URL base with its scheme.
+    fn uri(&self, addr: &str, path_and_query: &str) -> String {
+        if addr.starts_with("http://") || addr.starts_with("https://") {
+            format!("{}{path_and_query}", addr.trim_end_matches('/'))
+        } else {
+            format!("{}://{addr}{path_and_query}", self.api_scheme)
         }
     }
 
@@ -88,7 +114,8 @@ impl HttpClient {
         self
     }
 
-    /// Sends one request to `http://{addr}{path}` and reads the whole answer within `timeout`.
+    /// Sends one request to `{addr}{path}` and reads the whole answer within `timeout`.
+    /// `addr` is `host:port` (an API address) or a URL base such as `https://host:port`.
     pub async fn request(
         &self,
         method: hyper::Method,
@@ -98,7 +125,7 @@ impl HttpClient {
         body: Bytes,
         timeout: Duration,
     ) -> Result<HttpResponse, HttpError> {
-        let uri = format!("http://{addr}{path_and_query}");
+        let uri = self.uri(addr, path_and_query);
         let mut builder = hyper::Request::builder().method(method).uri(&uri);
         for (k, v) in headers {
             builder = builder.header(*k, *v);
@@ -156,7 +183,7 @@ impl HttpClient {
         headers: &[(&str, &str)],
         timeout: Duration,
     ) -> Result<hyper::Response<hyper::body::Incoming>, HttpError> {
-        let uri = format!("http://{addr}{path_and_query}");
+        let uri = self.uri(addr, path_and_query);
         let mut builder = hyper::Request::builder()
             .method(hyper::Method::GET)
             .uri(&uri);
@@ -198,11 +225,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[derive(Clone)]
 pub struct Network {
     client: HttpClient,
+    /// `http://` or `https://` (mutual TLS): how peers' Raft listeners are reached.
+    raft_scheme: &'static str,
 }
 
 impl Network {
-    pub fn new(client: HttpClient) -> Self {
-        Network { client }
+    pub fn new(client: HttpClient, raft_tls: bool) -> Self {
+        Network {
+            client,
+            raft_scheme: if raft_tls { "https://" } else { "http://" },
+        }
     }
 }
 
@@ -213,7 +245,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerConnection {
             client: self.client.clone(),
             target,
-            addr: Arc::from(node.raft_addr.as_str()),
+            addr: Arc::from(format!("{}{}", self.raft_scheme, node.raft_addr)),
         }
     }
 }

@@ -20,6 +20,7 @@ use crate::config::Config;
 use crate::handoff;
 use crate::network::{self, HttpClient, Network};
 use crate::security::Security;
+use crate::serve::{serve, ServeOptions};
 use crate::store;
 use crate::sys;
 use crate::types::{Node, NodeId, Raft};
@@ -136,11 +137,13 @@ pub async fn run(
              reaches the Raft or API port can join the cluster or forge Raft traffic"
         );
     }
-    let client = HttpClient::new().with_cluster_secret(security.cluster_secret());
+    let tls = security.tls().clone();
+    let client = HttpClient::with_tls(tls.client.clone(), config.tls.api)
+        .with_cluster_secret(security.cluster_secret());
     let raft = Raft::new(
         config.node_id,
         raft_config(&config)?,
-        Network::new(client.clone()),
+        Network::new(client.clone(), config.tls.raft),
         stores.log,
         stores.sm,
     )
@@ -161,30 +164,36 @@ pub async fn run(
         security.clone(),
     ));
 
+    let api_options = ServeOptions {
+        tls: tls.api.clone(),
+        header_read_timeout: config.header_read_timeout(),
+        request_timeout: Some(config.request_timeout()),
+        max_header_bytes: config.api.max_header_bytes,
+        name: "api",
+    };
     let raft_server = {
-        let routes = network::raft_routes(raft.clone(), security.clone());
+        let service = warp::service(network::raft_routes(raft.clone(), security.clone()));
+        // Raft RPCs carry their own deadlines (openraft's TTLs); a snapshot chunk may take
+        // longer to install than a client request may take.
+        let options = ServeOptions {
+            tls: tls.raft.clone(),
+            request_timeout: None,
+            name: "raft",
+            ..api_options.clone()
+        };
         // The Raft listener stops last, after Raft itself: see the end of this function.
         let (raft_stop_tx, raft_stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = tokio::spawn(
-            warp::serve(routes)
-                .incoming(raft_listener)
-                .graceful(async move {
-                    let _ = raft_stop_rx.await;
-                })
-                .run(),
-        );
+        let handle = tokio::spawn(serve(raft_listener, service, options, async move {
+            let _ = raft_stop_rx.await;
+        }));
         (handle, raft_stop_tx)
     };
     let api_server = {
         let mut rx = shutdown_rx.clone();
-        tokio::spawn(
-            warp::serve(api::routes(state.clone()))
-                .incoming(api_listener)
-                .graceful(async move {
-                    let _ = rx.wait_for(|stopping| *stopping).await;
-                })
-                .run(),
-        )
+        let service = warp::service(api::routes(state.clone()));
+        tokio::spawn(serve(api_listener, service, api_options, async move {
+            let _ = rx.wait_for(|stopping| *stopping).await;
+        }))
     };
 
     let me = Node {

@@ -379,6 +379,65 @@ async fn join_is_idempotent_and_refuses_a_changed_address() {
     }
 }
 
+/// POST /join for a new id whose addresses are an existing member's (or the answering node's
+/// own) under another spelling is 409; an address that does not resolve, or is unspecified,
+/// is 400. Membership is unchanged.
+#[tokio::test(flavor = "multi_thread")]
+async fn join_refuses_addresses_that_lead_to_a_member_however_spelt() {
+    let c = Cluster::start(Options::nodes(2)).await;
+    let before = c.status(1).await.expect("status");
+    let port = |addr: &str| addr.rsplit_once(':').unwrap().1.to_string();
+    let fresh = common::free_addr();
+    let cases = [
+        // Node 1's Raft listener, by name.
+        (
+            json!({"node_id": 3, "raft_addr": format!("localhost:{}", port(c.node(1).raft())), "api_addr": fresh}),
+            409,
+        ),
+        // Node 2's API, as an IPv4-mapped IPv6 address.
+        (
+            json!({"node_id": 3, "raft_addr": common::free_addr(), "api_addr": format!("[::ffff:127.0.0.1]:{}", port(c.api(2)))}),
+            409,
+        ),
+        // Node 1's API, spelt with its IP in another form.
+        (
+            json!({"node_id": 3, "raft_addr": common::free_addr(), "api_addr": format!("127.0.0.01:{}", port(c.api(1)))}),
+            409,
+        ),
+        (
+            json!({"node_id": 3, "raft_addr": "0.0.0.0:4000", "api_addr": common::free_addr()}),
+            400,
+        ),
+        (
+            json!({"node_id": 3, "raft_addr": "no-such-host.invalid:4000", "api_addr": common::free_addr()}),
+            400,
+        ),
+    ];
+    for via in c.ids() {
+        for (body, code) in &cases {
+            let r = c
+                .http
+                .post_json(c.api(via), "/join", body)
+                .await
+                .expect("an answer");
+            assert_eq!(r.code(), *code, "{body} via node {via}: {}", r.text());
+            let expected = if *code == 409 {
+                "node_conflict"
+            } else {
+                "invalid_field"
+            };
+            assert_eq!(r.error_code().as_deref(), Some(expected), "{}", r.text());
+        }
+    }
+    for id in c.ids() {
+        let s = c.status(id).await.expect("status");
+        assert_eq!(
+            s["members"], before["members"],
+            "node {id}: membership unchanged"
+        );
+    }
+}
+
 /// A linearizable read on a follower sees every write acknowledged before it began, even one
 /// the follower has not applied yet; the conversation list agrees with the history.
 #[tokio::test(flavor = "multi_thread")]

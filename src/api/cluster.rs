@@ -2,6 +2,7 @@
 //! `GET /api/v1/status`, `GET /healthz`, `GET /readyz`.
 
 use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -253,6 +254,114 @@ fn looks_like_host_port(s: &str) -> bool {
     }
 }
 
+/// How long resolving one join address may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The socket addresses `host:port` names (a host name may name several).
+async fn resolve(addr: &str) -> Result<Vec<SocketAddr>, String> {
+    match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(addr)).await {
+        Ok(Ok(addrs)) => {
+            // `::ffff:a.b.c.d` and `a.b.c.d` are one address.
+            let v: Vec<SocketAddr> = addrs
+                .map(|a| SocketAddr::new(a.ip().to_canonical(), a.port()))
+                .collect();
+            if v.is_empty() {
+                Err(format!("{addr} resolves to no address"))
+            } else {
+                Ok(v)
+            }
+        }
+        Ok(Err(e)) => Err(format!("{addr} does not resolve: {e}")),
+        Err(_) => Err(format!("{addr} did not resolve within {RESOLVE_TIMEOUT:?}")),
+    }
+}
+
+/// Whether `a` reaches a listener bound to `bound` on this host.
+fn reaches(a: SocketAddr, bound: SocketAddr, local_ips: &[IpAddr]) -> bool {
+    if a.port() != bound.port() {
+        return false;
+    }
+    let ip = a.ip();
+    if bound.ip().is_unspecified() {
+        ip.is_loopback() || ip.is_unspecified() || local_ips.contains(&ip)
+    } else {
+        ip == bound.ip().to_canonical() || (ip.is_unspecified() && bound.ip().is_loopback())
+    }
+}
+
+/// The addresses of this host's network interfaces.
+fn local_ips() -> Vec<IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    addrs
+        .filter_map(|ifa| ifa.address)
+        .filter_map(|a| {
+            a.as_sockaddr_in()
+                .map(|v4| IpAddr::V4(v4.ip()))
+                .or_else(|| a.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+        })
+        .collect()
+}
+
+/// A new node's addresses must be its own: 400 for an address that resolves to nothing or to
+/// an unspecified address, 409 for one that leads to this node's listeners or to another
+/// member's, however it is spelt (`localhost`, `127.0.0.1`, `::ffff:127.0.0.1` are one).
+async fn check_new_addresses(
+    state: &AppState,
+    node_id: NodeId,
+    node: &Node,
+) -> Result<(), ApiError> {
+    let conflict = |message: String| ApiError::new(StatusCode::CONFLICT, "node_conflict", message);
+    let mut new = Vec::new();
+    for (field, addr) in [("raft_addr", &node.raft_addr), ("api_addr", &node.api_addr)] {
+        let resolved = resolve(addr)
+            .await
+            .map_err(|m| ApiError::invalid_field(field, &m))?;
+        if resolved.iter().any(|a| a.ip().is_unspecified()) {
+            return Err(ApiError::invalid_field(
+                field,
+                &format!("{addr} is an unspecified address, which peers cannot reach"),
+            ));
+        }
+        new.push((field, addr, resolved));
+    }
+    let local = local_ips();
+    for (field, addr, resolved) in &new {
+        if resolved
+            .iter()
+            .any(|a| state.listen.iter().any(|bound| reaches(*a, *bound, &local)))
+        {
+            return Err(conflict(format!(
+                "{field} {addr} leads to node {} itself, not to node {node_id}",
+                state.node_id
+            )));
+        }
+    }
+    let members: Vec<(NodeId, Node)> = {
+        let m = state.raft.metrics().borrow().clone();
+        m.membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.clone()))
+            .collect()
+    };
+    for (id, member) in members {
+        for existing in [&member.raft_addr, &member.api_addr] {
+            // A member whose name no longer resolves is compared by its spelling alone.
+            let theirs = resolve(existing).await.unwrap_or_default();
+            for (field, addr, resolved) in &new {
+                if *addr == existing || resolved.iter().any(|a| theirs.contains(a)) {
+                    return Err(conflict(format!(
+                        "{field} {addr} is already used by node {id} (as {existing})"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn join_as_leader(
     state: &AppState,
     req: JoinRequest,
@@ -279,16 +388,6 @@ async fn join_as_leader(
             }
             Some(_) => (true, membership.voter_ids().any(|v| v == req.node_id)),
             None => {
-                if let Some((other, _)) = membership
-                    .nodes()
-                    .find(|(_, n)| n.raft_addr == node.raft_addr || n.api_addr == node.api_addr)
-                {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        "node_conflict",
-                        format!("node {other} already uses one of these addresses"),
-                    ));
-                }
                 let size = membership.nodes().count();
                 if size >= state.limits.max_cluster_size {
                     return Err(ApiError::new(
@@ -305,6 +404,9 @@ async fn join_as_leader(
     };
     if is_voter {
         return Ok(status(state));
+    }
+    if !is_member {
+        check_new_addresses(state, req.node_id, &node).await?;
     }
     let raft_failed =
         |e: String| ApiError::unavailable(format!("the membership change failed: {e}"));

@@ -29,7 +29,7 @@ pub fn routes(
         .and(warp::post())
         .and(with_state(state.clone()))
         .and(warp::header::headers_cloned())
-        .and(warp::addr::remote())
+        .and(crate::serve::client_addr())
         .and(limited_body(max_body))
         .then(post_message);
     let history = warp::path!("api" / "v1" / "messages")

@@ -12,6 +12,7 @@ mod messages;
 mod metrics;
 mod overview;
 mod stream;
+mod subscribers;
 mod web;
 
 use std::convert::Infallible;
@@ -63,6 +64,11 @@ pub struct AppState {
     pub write_rate: security::rate::RateLimiter,
     /// The node's data dir, for the file sizes in `/metrics`.
     pub data_dir: std::path::PathBuf,
+    /// Open event streams, capped per node and per client address.
+    pub subscribers: subscribers::SubscriberSlots,
+    /// Where this node's own listeners are bound (API, Raft): `/join` refuses a node whose
+    /// addresses lead back here.
+    pub listen: [std::net::SocketAddr; 2],
 }
 
 /// Who leads, as this node's Raft metrics say.
@@ -127,6 +133,11 @@ impl AppState {
                 config.limits.write_burst,
             ),
             data_dir: config.data_dir.clone(),
+            listen: [config.api_listen_addr(), config.raft_listen_addr()],
+            subscribers: subscribers::SubscriberSlots::new(
+                config.limits.max_subscribers,
+                config.limits.max_subscribers_per_address,
+            ),
         }
     }
 

@@ -9,7 +9,7 @@ use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-use futures_util::stream::{self, Stream};
+use futures_util::stream::{self, Stream, StreamExt};
 use warp::http::HeaderMap;
 use warp::sse::Event;
 use warp::{Filter, Reply};
@@ -31,19 +31,29 @@ pub fn routes(
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::optional::<String>("last-event-id"))
         .and(warp::header::headers_cloned())
+        .and(crate::serve::client_addr())
         .then(
             |state: Arc<AppState>,
              query: String,
              last_event_id: Option<String>,
-             headers: HeaderMap| async move {
-                match start(&state, &query, last_event_id.as_deref(), &headers).await {
-                    Ok((conv_id, from)) => {
+             headers: HeaderMap,
+             client: Option<std::net::SocketAddr>| async move {
+                let started = start(&state, &query, last_event_id.as_deref(), &headers).await;
+                let slot = started.and_then(|(conv_id, from)| {
+                    let slot = state.subscribers.acquire(client.map(|a| a.ip()))?;
+                    Ok((conv_id, from, slot))
+                });
+                match slot {
+                    Ok((conv_id, from, slot)) => {
                         tracing::debug!(%conv_id, from, "stream subscriber");
                         let keep_alive = warp::sse::keep_alive()
                             .interval(state.sse_keepalive)
                             .text("keep-alive");
-                        warp::sse::reply(keep_alive.stream(events(state, conv_id, from)))
-                            .into_response()
+                        // The stream holds its slot until it ends or the client leaves.
+                        let events = events(state, conv_id, from).inspect(move |_| {
+                            let _held = &slot;
+                        });
+                        warp::sse::reply(keep_alive.stream(events)).into_response()
                     }
                     Err(e) => reply_json::<()>(Err(e)),
                 }

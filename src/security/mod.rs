@@ -20,6 +20,7 @@ use warp::Filter;
 
 use crate::api::ApiError;
 use crate::config::{Config, ConfigError};
+use crate::tls::Tls;
 use tokens::{Token, Tokens};
 
 /// The cookie that may carry a client token, for clients that cannot set headers
@@ -107,6 +108,8 @@ pub struct Security {
     /// Its current contents, swapped whole by a reload.
     tokens: RwLock<Option<Arc<Tokens>>>,
     deny_log: DenyLog,
+    /// Certificates and keys, loaded once at start.
+    tls: Tls,
 }
 
 /// What a client request may do.
@@ -192,11 +195,13 @@ impl Security {
                 Tokens::load(p).map_err(|m| key_error("security.tokens_file", m))?,
             )),
         };
+        let tls = Tls::load(&config.tls, source)?;
         Ok(Security {
             secret,
             tokens_path,
             tokens: RwLock::new(tokens),
             deny_log: DenyLog::default(),
+            tls,
         })
     }
 
@@ -207,7 +212,13 @@ impl Security {
             tokens_path: None,
             tokens: RwLock::new(None),
             deny_log: DenyLog::default(),
+            tls: Tls::off(),
         }
+    }
+
+    /// The TLS settings of both listeners and of the node's client.
+    pub fn tls(&self) -> &Tls {
+        &self.tls
     }
 
     /// Re-reads the tokens file (on SIGHUP). A file that does not load is reported and the
@@ -358,7 +369,7 @@ pub fn guard(
     warp::path::full()
         .and(warp::method())
         .and(warp::header::headers_cloned())
-        .and(warp::addr::remote())
+        .and(crate::serve::client_addr())
         .and_then(
             move |path: warp::path::FullPath,
                   method: warp::http::Method,
@@ -398,7 +409,7 @@ pub fn peer_only(
     security: Arc<Security>,
 ) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
     warp::header::headers_cloned()
-        .and(warp::addr::remote())
+        .and(crate::serve::client_addr())
         .and_then(move |headers: HeaderMap, remote: Option<SocketAddr>| {
             let security = security.clone();
             async move {

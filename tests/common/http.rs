@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use chatraftd::tls::Connector;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode};
@@ -63,7 +64,9 @@ impl Response {
 /// Cheap to clone: clones share one connection pool.
 #[derive(Clone)]
 pub struct Http {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
+    /// `http` or `https`.
+    scheme: &'static str,
     /// Sent with every request, before the request's own headers.
     default_headers: Vec<(HeaderName, HeaderValue)>,
 }
@@ -76,16 +79,26 @@ impl Default for Http {
 
 impl Http {
     pub fn new() -> Self {
+        Self::with_tls(None)
+    }
+
+    /// A client that speaks HTTPS with `tls` (plain HTTP with `None`).
+    pub fn with_tls(tls: Option<std::sync::Arc<rustls::ClientConfig>>) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let client = Client::builder(TokioExecutor::new())
             // A killed node leaves dead pooled connections behind; keep the pool short-lived so
-            // a restarted node on the same port is reached on a fresh connection.
-            .pool_idle_timeout(Duration::from_secs(5))
-            .build(connector);
+            // a restarted node on the same port is reached on a fresh connection. Below the
+            // daemon's shortest header read timeout, so an idle connection is never reused
+            // just as the node closes it.
+            .pool_idle_timeout(Duration::from_secs(4))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .build(Connector::new(connector, tls));
         Http {
             client,
+            scheme,
             default_headers: Vec::new(),
         }
     }
@@ -110,7 +123,7 @@ impl Http {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> Result<Response, String> {
-        let uri = format!("http://{addr}{path}");
+        let uri = format!("{}://{addr}{path}", self.scheme);
         let mut builder = Request::builder().method(method.clone()).uri(&uri);
         for (k, v) in &self.default_headers {
             builder = builder.header(k, v);
@@ -191,7 +204,7 @@ impl Http {
         path: &str,
         headers: &[(&str, &str)],
     ) -> Result<(hyper::http::response::Parts, hyper::body::Incoming), String> {
-        let uri = format!("http://{addr}{path}");
+        let uri = format!("{}://{addr}{path}", self.scheme);
         let mut builder = Request::builder().method(Method::GET).uri(&uri);
         for (k, v) in &self.default_headers {
             builder = builder.header(k, v);

@@ -61,6 +61,12 @@ pub struct Options {
     pub security_toml: String,
     /// More `key = value` lines for the `[limits]` table.
     pub limits_toml: String,
+    /// More `key = value` lines for the `[api]` table.
+    pub api_toml: String,
+    /// Whole tables appended to the file (`[tls]` ...).
+    pub extra_toml: String,
+    /// With HTTPS on the API: the CA the harness's clients trust.
+    pub api_ca: Option<PathBuf>,
 }
 
 impl Default for Options {
@@ -80,6 +86,9 @@ impl Default for Options {
             cluster_secret_file: None,
             security_toml: String::new(),
             limits_toml: String::new(),
+            api_toml: String::new(),
+            extra_toml: String::new(),
+            api_ca: None,
         }
     }
 }
@@ -145,6 +154,7 @@ join = [{join}]
 listen = "{api}"
 write_timeout_ms = {wt}
 sse_keepalive_secs = {ka}
+{api_extra}
 
 [raft]
 listen = "{raft}"
@@ -159,6 +169,7 @@ keep_logs_after_snapshot = {keep}
 [security]
 {secret}
 {security}
+{extra}
 [log]
 level = "{level}"
 "#,
@@ -182,6 +193,8 @@ level = "{level}"
                 None => "allow_insecure_cluster = true\ncluster_secret_file = \"\"".into(),
             },
             security = o.security_toml,
+            api_extra = o.api_toml,
+            extra = o.extra_toml,
         )
     }
 }
@@ -371,6 +384,13 @@ impl Node {
     }
 }
 
+/// A client for the API of a cluster started with `opts`: HTTPS when it has a CA.
+fn client_for(opts: &Options) -> Http {
+    Http::with_tls(opts.api_ca.as_deref().map(|ca| {
+        chatraftd::tls::client_trusting(ca).unwrap_or_else(|e| panic!("loading the test CA: {e}"))
+    }))
+}
+
 /// A set of chatraftd processes in one temp dir, on free loopback ports.
 pub struct Cluster {
     pub http: Http,
@@ -417,7 +437,7 @@ impl Cluster {
             .trim()
             .to_string();
         Cluster {
-            http: Http::new().with_header(SECRET_HEADER, &secret),
+            http: client_for(&opts).with_header(SECRET_HEADER, &secret),
             opts,
             nodes: Vec::new(),
             dir: Some(dir),
@@ -426,7 +446,7 @@ impl Cluster {
 
     /// A client without the cluster secret.
     pub fn outsider(&self) -> Http {
-        Http::new()
+        client_for(&self.opts)
     }
 
     pub fn root(&self) -> &Path {

@@ -1,0 +1,207 @@
+//! Connection-level limits: an oversized request head, a client that sends its head too
+//! slowly (or goes idle), a body that never finishes, and event-stream subscribers above the
+//! per-address and per-node caps. Each gets its answer while the node keeps serving others.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::{Cluster, Options};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::Instant;
+
+/// Connects to `addr` from the loopback address `from` (127.0.0.x), so one test plays
+/// several client addresses.
+async fn connect_from(from: &str, addr: &str) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(format!("{from}:0").parse::<SocketAddr>().unwrap())
+        .unwrap();
+    socket
+        .connect(addr.parse().unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {addr} from {from}: {e}"))
+}
+
+/// Reads until the peer closes the connection or `deadline` passes; returns what came and
+/// whether the connection was closed.
+async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> (String, bool) {
+    let end = Instant::now() + deadline;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at(end, stream.read(&mut buf)).await {
+            Err(_) => return (String::from_utf8_lossy(&got).into_owned(), false),
+            Ok(Ok(0)) | Ok(Err(_)) => return (String::from_utf8_lossy(&got).into_owned(), true),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+/// Reads one response head (up to the blank line) within `deadline`.
+async fn read_head(stream: &mut TcpStream, deadline: Duration) -> String {
+    let end = Instant::now() + deadline;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        match tokio::time::timeout_at(end, stream.read(&mut buf)).await {
+            Ok(Ok(1)) => got.push(buf[0]),
+            other => panic!(
+                "no complete response head ({other:?}): {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+async fn open_stream(from: &str, addr: &str) -> (TcpStream, String) {
+    let mut s = connect_from(from, addr).await;
+    s.write_all(
+        format!(
+            "GET /api/v1/stream?conv_id=caps HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s, Duration::from_secs(10)).await;
+    (s, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_idle_and_oversized_requests_are_cut_off() {
+    let c = Cluster::start(Options {
+        // The shortest header timeout allowed, and a request timeout just above the writes'.
+        api_toml:
+            "header_read_timeout_ms = 5000\nrequest_timeout_ms = 4000\nmax_header_bytes = 4096"
+                .into(),
+        ..Options::nodes(1)
+    })
+    .await;
+    let addr = c.api(1).to_string();
+
+    // A head larger than max_header_bytes: 431.
+    let mut s = connect_from("127.0.0.1", &addr).await;
+    let big = "x".repeat(8192);
+    s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+
+    // A client that starts a head and stalls, and one that connects and says nothing, and one
+    // that finishes a request and then idles: each connection is closed once the header read
+    // timeout passes, while the node answers everyone else meanwhile.
+    let started = Instant::now();
+    let mut slow = connect_from("127.0.0.1", &addr).await;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n")
+        .await
+        .unwrap();
+    let mut silent = connect_from("127.0.0.1", &addr).await;
+    let mut idle = connect_from("127.0.0.1", &addr).await;
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut idle, Duration::from_secs(5)).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let r = c.outsider().get(&addr, "/healthz").await.unwrap();
+    assert_eq!(r.code(), 200);
+    for (what, conn) in [
+        ("slow", &mut slow),
+        ("silent", &mut silent),
+        ("idle", &mut idle),
+    ] {
+        let (_, closed) = read_until_closed(conn, Duration::from_secs(20)).await;
+        assert!(closed, "the {what} connection is still open after 20 s");
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(4500),
+        "connections were closed after {took:?}, before the 5 s header timeout"
+    );
+
+    // A body that never finishes: 408 in the error shape once request_timeout_ms passes.
+    let mut stalled = connect_from("127.0.0.1", &addr).await;
+    stalled
+        .write_all(
+            b"POST /api/v1/message HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"sender\":",
+        )
+        .await
+        .unwrap();
+    let (answer, _) = read_until_closed(&mut stalled, Duration::from_secs(20)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer:?}");
+    assert!(
+        answer.contains("\"code\":\"request_timeout\""),
+        "{answer:?}"
+    );
+
+    // Nothing was stored by any of them; a normal write still works.
+    let r = c
+        .post(1, &json!({"sender": "ok", "payload": "still serving"}))
+        .await
+        .unwrap();
+    assert_eq!(r.code(), 201, "{}", r.text());
+    assert_eq!(c.messages(1, "general").await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_stream_caps_per_address_and_per_node() {
+    let c = Cluster::start(Options {
+        limits_toml: "max_subscribers = 3\nmax_subscribers_per_address = 2".into(),
+        ..Options::nodes(1)
+    })
+    .await;
+    let addr = c.api(1).to_string();
+
+    let (a1, head) = open_stream("127.0.0.1", &addr).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (_a2, head) = open_stream("127.0.0.1", &addr).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The address is at its cap: 503 with Retry-After, in the error shape.
+    let (mut a3, head) = open_stream("127.0.0.1", &addr).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 5"),
+        "{head}"
+    );
+    let (body, _) = read_until_closed(&mut a3, Duration::from_millis(500)).await;
+    assert!(body.contains("\"code\":\"too_many_subscribers\""), "{body}");
+    // Another address is still served...
+    let (_b1, head) = open_stream("127.0.0.2", &addr).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // ...until the node itself is full.
+    let (_, head) = open_stream("127.0.0.3", &addr).await;
+    assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+    // Other requests are not affected by the stream caps.
+    let r = c
+        .post(
+            1,
+            &json!({"conv_id": "caps", "sender": "s", "payload": "p"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.code(), 201, "{}", r.text());
+
+    // A client that leaves gives its place back.
+    drop(a1);
+    common::wait_until(
+        "the closed stream's place to be given back",
+        Duration::from_secs(10),
+        || {
+            let addr = addr.clone();
+            async move {
+                let (s, head) = open_stream("127.0.0.1", &addr).await;
+                if head.starts_with("HTTP/1.1 200") {
+                    Ok(s)
+                } else {
+                    Err(head)
+                }
+            }
+        },
+    )
+    .await;
+}
