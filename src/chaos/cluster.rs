@@ -472,7 +472,8 @@ fn write_config(
          [api]\nlisten = \"{addr}:{API_PORT}\"\nwrite_timeout_ms = {}\nsse_keepalive_secs = 1\n\n\
          [raft]\nlisten = \"{addr}:{RAFT_PORT}\"\nsnapshot_threshold = {}\nkeep_logs_after_snapshot = {}\n\n\
          [security]\ncluster_secret_file = \"{}\"\n\n\
-         [limits]\nwrite_rate_per_sec = 1000000000\nwrite_burst = 1000000000\n\n\
+         [limits]\nwrite_rate_per_sec = 1000000000\nwrite_burst = 1000000000\n\
+         max_subscribers_per_address = 100000\n\n\
          [log]\nlevel = \"info\"\n",
         home.join("data").display(),
         settings.write_timeout_ms,
