@@ -11,7 +11,16 @@
 //!
 //! # Durability rules, and where they are enforced
 //! - Every live connection runs `journal_mode=WAL` and `synchronous=FULL` ([`open_live`]): a
-//!   `COMMIT` returns only after the WAL is fsynced, so "committed" means "on disk".
+//!   `COMMIT` returns only after the WAL is fsynced, so "committed" means "on disk". The one
+//!   exception is the state machine's writer (below).
+//! - The state machine need not be on disk at each apply: every applied entry is already
+//!   fsynced in the Raft log of a majority, and at start openraft re-applies the committed
+//!   entries after the stored `last_applied`. So `messages.db` commits with
+//!   `synchronous=NORMAL` (one fsync fewer on every write's path; a crash of the process loses
+//!   nothing, a power cut may roll it back to an earlier COMMIT, never a torn one). What must
+//!   hold is that no entry it lacks is purged from the log: the log is purged only behind a
+//!   snapshot, and a snapshot is published only after [`sync_database`] has put the state
+//!   machine it copied on disk; an installed snapshot is synced the same way.
 //! - `append` reports the flush to openraft only after its transaction committed
 //!   ([`LogStore`]'s `append`); `save_vote` returns only after its commit.
 //! - `apply` writes the rows and `last_applied` in one transaction, so a crash can never leave a
@@ -310,6 +319,23 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(StoreError::io("fsync directory", dir))
+}
+
+/// Puts every COMMIT made so far to a WAL-mode database on disk: fsyncs its WAL and the
+/// database file (either may hold committed pages; SQLite syncs the WAL before it checkpoints).
+pub(crate) fn sync_database(db: &Path) -> Result<(), StoreError> {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = PathBuf::from(wal);
+    for path in [wal.as_path(), db] {
+        match std::fs::File::open(path) {
+            Ok(f) => f.sync_all().map_err(StoreError::io("fsync", path))?,
+            // No WAL file: everything is in the database file.
+            Err(e) if e.kind() == io::ErrorKind::NotFound && path == wal => {}
+            Err(e) => return Err(StoreError::io("open for fsync", path)(e)),
+        }
+    }
+    Ok(())
 }
 
 /// A path as SQLite wants it in `VACUUM INTO` and `ATTACH`.

@@ -15,8 +15,8 @@ use tokio::sync::watch;
 use super::reader::record_by_msg_id;
 use super::snapshot::{self, SnapshotBuilder, SnapshotDir, TempFile};
 use super::{
-    blocking, ensure_schema, from_sql, lock, open_live, put_json, sql_path, to_sql, Access,
-    KvTable, SqlContext, StoreError,
+    blocking, ensure_schema, from_sql, lock, open_live, put_json, sql_path, sync_database, to_sql,
+    Access, KvTable, SqlContext, StoreError,
 };
 use crate::types::{
     format_millis, Entry, LogId, NewMessage, Record, Request, Response, SnapshotMeta, StorageError,
@@ -78,6 +78,9 @@ impl StateMachineStore {
         snapshots: Arc<SnapshotDir>,
     ) -> Result<(StateMachineStore, watch::Receiver<u64>), StoreError> {
         let mut conn = open_live(path, Access::ReadWrite)?;
+        // Durability: see the rules in `store` — the Raft log holds every applied entry on
+        // disk; this file is synced before a snapshot lets the log behind it go.
+        conn.pragma_update(None, "synchronous", "NORMAL").at(path)?;
         ensure_schema(&mut conn, path, SCHEMA)?;
         let (last_applied, _) = read_applied_state(&conn, path)?;
         crate::metrics::set_conv_bytes(conv_payload_bytes(&conn, path)?);
@@ -401,8 +404,10 @@ fn copy_from_attached(
         put_sm_meta(&tx, path, KEY_LAST_APPLIED, last)?;
     }
     put_sm_meta(&tx, path, KEY_MEMBERSHIP, &meta.last_membership)?;
-    // Durability: one fsynced COMMIT switches rows and last_applied together.
-    tx.commit().at(path)
+    // One COMMIT switches rows and last_applied together; it is put on disk before openraft
+    // purges the log behind the snapshot.
+    tx.commit().at(path)?;
+    sync_database(path)
 }
 
 /// Copies a snapshot handed over as an arbitrary open file into a new file in `snapshots/`.

@@ -17,7 +17,8 @@ use rusqlite::{Connection, OpenFlags};
 use super::reader::RECORD_COLUMNS;
 use super::sm::read_applied_state;
 use super::{
-    blocking, fsync_dir, lock, open_live, sql_path, Access, SqlContext, StoreError, SCHEMA_VERSION,
+    blocking, fsync_dir, lock, open_live, sql_path, sync_database, Access, SqlContext, StoreError,
+    SCHEMA_VERSION,
 };
 use crate::types::{LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
@@ -340,6 +341,9 @@ impl SnapshotBuilder {
         // A separate connection: VACUUM INTO reads inside one read transaction, so the copy
         // is the database as of one COMMIT, while the state machine keeps applying.
         copy_state(&self.db_path, tmp.path())?;
+        // Durability: the state machine commits without fsync; put what the copy holds on disk
+        // in the live database too before the snapshot lets openraft purge the log behind it.
+        sync_database(&self.db_path)?;
         // The meta is read from the copy itself, so it describes exactly what was copied.
         let (last_log_id, last_membership) = {
             let conn = open_snapshot_file(tmp.path(), false)?;
