@@ -406,6 +406,11 @@ async fn a_minority_refuses_writes_with_503() {
     let r = c.post(lone, &msg).await.expect("the lone node answers");
     assert_eq!(r.code(), 503, "{}", r.text());
 
+    // Nor does it call itself ready: no leader confirms a commit index to it.
+    let r = c.outsider().get(c.api(lone), "/readyz").await.unwrap();
+    assert_eq!(r.code(), 503, "{}", r.text());
+    assert_eq!(r.error_code().as_deref(), Some("not_ready"), "{}", r.text());
+
     for id in c.ids() {
         if id != lone {
             c.restart(id).await;

@@ -75,7 +75,7 @@ pub fn routes(
         .and(warp::get())
         .and(with_state(state))
         .then(|state: Arc<AppState>| async move {
-            reply_json(match not_ready_reason(&state) {
+            reply_json(match not_ready_reason(&state).await {
                 None => Ok((StatusCode::OK, serde_json::json!({"status": "ready"}))),
                 Some(why) => Err(ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -195,7 +195,13 @@ pub fn status(state: &AppState) -> Status {
     }
 }
 
-fn not_ready_reason(state: &AppState) -> Option<String> {
+/// How long `/readyz` waits for the leader to confirm its commit index.
+const READY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why this node should not get traffic yet, or `None` when it is ready: a member, with a
+/// leader that confirms its commit index now (a restarted node may still remember a leader
+/// and a commit index from before it stopped), and applied up to that index.
+async fn not_ready_reason(state: &AppState) -> Option<String> {
     let m = state.raft.metrics().borrow().clone();
     if let Err(e) = &m.running_state {
         return Some(format!("Raft has stopped: {e}"));
@@ -215,6 +221,37 @@ fn not_ready_reason(state: &AppState) -> Option<String> {
     if applied < committed {
         return Some(format!(
             "catching up: applied {applied} of {committed} committed"
+        ));
+    }
+    let confirmed = match state.leader() {
+        Leader::Me => tokio::time::timeout(
+            READY_CONFIRM_TIMEOUT,
+            super::messages::leader_read_index(state),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok),
+        Leader::Other(_, Some(addr)) => {
+            let deadline = Instant::now() + READY_CONFIRM_TIMEOUT;
+            super::messages::remote_read_index(state, &addr, deadline)
+                .await
+                .ok()
+                .flatten()
+        }
+        Leader::Other(_, None) | Leader::Unknown => None,
+    };
+    let Some(leader_commit) = confirmed else {
+        return Some("the leader did not confirm its commit index".into());
+    };
+    let applied = state
+        .raft
+        .metrics()
+        .borrow()
+        .last_applied
+        .map_or(0, |l| l.index);
+    if applied < leader_commit {
+        return Some(format!(
+            "catching up: applied {applied} of {leader_commit} committed on the leader"
         ));
     }
     None

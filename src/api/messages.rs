@@ -693,7 +693,7 @@ async fn linearizable_barrier(state: &AppState) -> Result<(), ApiError> {
     wait_applied(state, index, deadline).await
 }
 
-async fn leader_read_index(state: &AppState) -> Result<u64, ApiError> {
+pub(crate) async fn leader_read_index(state: &AppState) -> Result<u64, ApiError> {
     match tokio::time::timeout(state.write_timeout, state.raft.ensure_linearizable()).await {
         Ok(Ok(log_id)) => Ok(log_id.map_or(0, |l| l.index)),
         Ok(Err(e)) => Err(ApiError {
@@ -706,7 +706,7 @@ async fn leader_read_index(state: &AppState) -> Result<u64, ApiError> {
     }
 }
 
-async fn remote_read_index(
+pub(crate) async fn remote_read_index(
     state: &AppState,
     addr: &str,
     deadline: Instant,
