@@ -347,7 +347,9 @@ fn event_page(
     );
     let mut stmt = conn.prepare_cached(&sql).at(path)?;
     let mut rows = stmt.query((conv_id, from, limit)).at(path)?;
-    let mut out = Vec::with_capacity(max_bytes.min(max_events.saturating_mul(512)) + 1024);
+    // Small to start with: most reads of a subscriber at the head find nothing or a few
+    // events, and a large buffer kept per read would show in the node's memory.
+    let mut out = Vec::with_capacity(4096);
     let mut count = 0;
     let mut next_seq = from_seq;
     while out.len() < max_bytes {
