@@ -5,6 +5,8 @@
 //! - [`types`]: the openraft type configuration and what travels through the Raft log.
 //! - [`store`]: SQLite storage: the Raft log, the state machine (the message table, the only
 //!   writer of it), snapshots, and the read pool the API uses.
+//! - [`fanout`]: the live tail of each watched conversation: records serialised once into
+//!   their SSE event bytes after each apply, shared by every subscriber of that conversation.
 //! - [`network`]: Raft RPC over HTTP, client and server side, and the shared HTTP client.
 //! - [`api`]: the client HTTP API: messages, stream, history, join, status, health, the
 //!   cluster overview, and the web page (`api/web/`, compiled into the binary).
@@ -26,6 +28,7 @@ pub mod backup;
 pub mod chaos;
 pub mod cli;
 pub mod config;
+pub mod fanout;
 pub mod handoff;
 pub mod local_cluster;
 pub mod metrics;

@@ -1,5 +1,6 @@
 //! A healthy cluster: total order on every node, the same records through GET and SSE,
-//! idempotent writes, and idempotent joins.
+//! streams that pass from the store to the live window (and back) without a gap or a
+//! duplicate, also across a snapshot install, idempotent writes, and idempotent joins.
 
 mod common;
 
@@ -512,4 +513,303 @@ async fn linearizable_reads_on_followers_see_every_acknowledged_write() {
         assert_eq!(lin["count"].as_u64(), Some(20), "node {id}: {lin}");
         assert_eq!(lin["last_seq"].as_u64(), Some(20), "node {id}: {lin}");
     }
+}
+
+/// Sends `n` messages to `conv` with `writers` concurrent writers spread over `apis`, each
+/// retried with its `msg_id` until acknowledged (a node may answer 503 around an election).
+async fn write_concurrently(
+    http: common::Http,
+    apis: Vec<String>,
+    conv: &'static str,
+    tag: &'static str,
+    n: usize,
+    writers: usize,
+) {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (http, apis) = (http.clone(), apis.clone());
+        tasks.push(tokio::spawn(async move {
+            for i in (w..n).step_by(writers) {
+                let msg = json!({"conv_id": conv, "sender": format!("w{w}"),
+                    "payload": format!("{tag}-{i}"), "msg_id": new_msg_id()});
+                wait_until(
+                    &format!("{tag} {i} to be acknowledged"),
+                    Duration::from_secs(20),
+                    || async {
+                        let addr = &apis[(w + i) % apis.len()];
+                        let r = common::post_message(&http, addr, &msg).await?;
+                        if r.is_success() {
+                            Ok(())
+                        } else {
+                            Err(format!("{addr}: {} {}", r.status, r.text()))
+                        }
+                    },
+                )
+                .await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a writer panicked");
+    }
+}
+
+/// Reads `n` events and checks them against the stored records: ids `first..first + n`,
+/// each event the stored record, and nothing more within a short wait.
+async fn expect_records(stream: &mut SseStream, first: u64, records: &[Value], what: &str) {
+    let n = records.len() - (first as usize - 1);
+    let events = stream.expect(n, Duration::from_secs(60)).await;
+    let ids: Vec<u64> = events.iter().map(|e| e.id_u64()).collect();
+    let want: Vec<u64> = (first..first + n as u64).collect();
+    assert_eq!(ids, want, "{what}: a gap-free, duplicate-free seq run");
+    for (ev, rec) in events.iter().zip(&records[first as usize - 1..]) {
+        assert_eq!(ev.event.as_deref(), Some("message"), "{what}");
+        assert_eq!(
+            &ev.json(),
+            rec,
+            "{what}: the event differs from the stored record"
+        );
+    }
+    let (extra, _) = stream
+        .take(1, tokio::time::Instant::now() + Duration::from_millis(300))
+        .await;
+    assert!(
+        extra.is_empty(),
+        "{what}: an event beyond the history: {extra:?}"
+    );
+}
+
+/// Subscribers that start in the history while writes go on pass from the store to the live
+/// window without a gap or a duplicate, on every node, as do live-only subscribers.
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_join_history_and_live_tail_while_writes_go_on() {
+    const CONV: &str = "switch";
+    let c = Cluster::start(Options::nodes(3)).await;
+    write_concurrently(c.http.clone(), c.apis(), CONV, "history", 200, 4).await;
+    let mut from_start = Vec::new();
+    for id in c.ids() {
+        let path = format!("/api/v1/stream?conv_id={CONV}&from=1");
+        let s = SseStream::open(&c.http, c.api(id), &path, None)
+            .await
+            .unwrap_or_else(|e| panic!("node {id}: {e}"));
+        from_start.push((id, s));
+    }
+    let live_path = format!("/api/v1/stream?conv_id={CONV}");
+    let mut live = SseStream::open(&c.http, c.api(1), &live_path, None)
+        .await
+        .expect("a live-only stream");
+    let writing = tokio::spawn(write_concurrently(
+        c.http.clone(),
+        c.apis(),
+        CONV,
+        "live",
+        300,
+        6,
+    ));
+    // More subscribers arrive mid-way, resuming inside the history.
+    let resume_path = format!("/api/v1/stream?conv_id={CONV}&from=1");
+    let mut resumed = SseStream::open(&c.http, c.api(2), &resume_path, Some("150"))
+        .await
+        .expect("a resumed stream");
+    writing.await.expect("the writers panicked");
+    let records = c
+        .wait_same_messages(&c.ids(), CONV, 500, Duration::from_secs(20))
+        .await;
+    assert_eq!(records.len(), 500);
+    for (id, s) in &mut from_start {
+        expect_records(s, 1, &records, &format!("node {id} from seq 1")).await;
+    }
+    expect_records(&mut resumed, 151, &records, "resumed after seq 150").await;
+    // The live-only stream starts at the first message after it opened: a suffix.
+    let events = live.expect(300, Duration::from_secs(30)).await;
+    let first = events[0].id_u64();
+    assert!(
+        first <= 201,
+        "the live stream skipped new messages: starts at {first}"
+    );
+    let rest = 500 - (first as usize - 1) - 300;
+    let mut all = events;
+    all.extend(live.expect(rest, Duration::from_secs(30)).await);
+    let ids: Vec<u64> = all.iter().map(|e| e.id_u64()).collect();
+    assert_eq!(ids, (first..=500).collect::<Vec<u64>>());
+}
+
+/// A subscriber that resumes further back than the live window holds reads the missing part
+/// from the store, then goes on from the window; and both go on with new messages.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_resumes_from_the_store_after_the_live_window_moved_on() {
+    const CONV: &str = "window";
+    // More than the live window keeps (4096 events).
+    const N: usize = 4_400;
+    let c = Cluster::start(Options::nodes(3)).await;
+    // A subscriber watching from the start keeps the conversation's window filled.
+    let path = format!("/api/v1/stream?conv_id={CONV}");
+    let mut watcher = SseStream::open(&c.http, c.api(1), &path, None)
+        .await
+        .expect("the watching stream");
+    write_concurrently(c.http.clone(), c.apis(), CONV, "m", N, 16).await;
+    let records = c
+        .wait_same_messages(&c.ids(), CONV, N, Duration::from_secs(30))
+        .await;
+    expect_records(&mut watcher, 1, &records, "the watcher").await;
+
+    let mut resumed = SseStream::open(&c.http, c.api(1), &path, Some("10"))
+        .await
+        .expect("the resumed stream");
+    expect_records(&mut resumed, 11, &records, "resumed from seq 10").await;
+
+    write_concurrently(c.http.clone(), c.apis(), CONV, "after", 20, 2).await;
+    let records = c
+        .wait_same_messages(&c.ids(), CONV, N + 20, Duration::from_secs(10))
+        .await;
+    for (s, what) in [
+        (&mut watcher, "the watcher"),
+        (&mut resumed, "the resumed stream"),
+    ] {
+        let events = s.expect(20, Duration::from_secs(10)).await;
+        let ids: Vec<u64> = events.iter().map(|e| e.id_u64()).collect();
+        assert_eq!(
+            ids,
+            (N as u64 + 1..=N as u64 + 20).collect::<Vec<u64>>(),
+            "{what}"
+        );
+        for (ev, rec) in events.iter().zip(&records[N..]) {
+            assert_eq!(&ev.json(), rec, "{what}");
+        }
+    }
+}
+
+/// Sends a signal to a node's process.
+fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid fits in i32"));
+    nix::sys::signal::kill(pid, sig).expect("signalling a node");
+}
+
+/// A follower that fell behind the leader's purged log installs a snapshot while a subscriber
+/// is connected to it: the stream goes on after the install with no gap and no duplicate.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_goes_on_across_a_snapshot_install_on_its_node() {
+    const CONV: &str = "snapstream";
+    let c = Cluster::start(Options {
+        snapshot_threshold: 50,
+        keep_logs_after_snapshot: 5,
+        ..Options::nodes(3)
+    })
+    .await;
+    let leader = c.leader().await;
+    let follower = c.others(leader)[0];
+    let path = format!("/api/v1/stream?conv_id={CONV}&from=1");
+    let mut stream = SseStream::open(&c.http, c.api(follower), &path, None)
+        .await
+        .expect("opening the stream");
+    write_concurrently(
+        c.http.clone(),
+        vec![c.api(leader).to_owned()],
+        CONV,
+        "before",
+        20,
+        2,
+    )
+    .await;
+    let events = stream.expect(20, Duration::from_secs(10)).await;
+    assert_eq!(events.last().map(|e| e.id_u64()), Some(20));
+    let follower_log = c.status(follower).await.expect("status")["last_log_index"]
+        .as_u64()
+        .expect("last_log_index");
+
+    // Freeze the follower (its connections stay open) while the others move on far enough
+    // that the leader purges the log the follower still needs.
+    let pid = c.node(follower).pid().expect("the follower runs");
+    signal(pid, nix::sys::signal::Signal::SIGSTOP);
+    let majority: Vec<String> = c
+        .others(follower)
+        .iter()
+        .map(|&id| c.api(id).to_owned())
+        .collect();
+    write_concurrently(c.http.clone(), majority, CONV, "while-frozen", 200, 4).await;
+    wait_until(
+        "the leader to purge the log behind a snapshot",
+        Duration::from_secs(20),
+        || async {
+            let s = c.status(leader).await?;
+            match s["purged_index"].as_u64() {
+                Some(p) if p > follower_log + 1 => Ok(()),
+                other => Err(format!(
+                    "purged_index {other:?}, follower at {follower_log}"
+                )),
+            }
+        },
+    )
+    .await;
+    signal(pid, nix::sys::signal::Signal::SIGCONT);
+
+    let records = c
+        .wait_same_messages(&c.ids(), CONV, 220, Duration::from_secs(30))
+        .await;
+    let installs = wait_until(
+        "the follower to install a snapshot",
+        Duration::from_secs(10),
+        || async {
+            let r = c.http.get(c.api(follower), "/metrics").await?;
+            let n = r
+                .text()
+                .lines()
+                .find_map(|l| l.strip_prefix("chatraftd_snapshot_install_duration_seconds_count "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if n >= 1.0 {
+                Ok(n)
+            } else {
+                Err("no snapshot install yet".to_string())
+            }
+        },
+    )
+    .await;
+    eprintln!("snapshot installs on node {follower}: {installs}");
+    expect_records(&mut stream, 21, &records, "across the install").await;
+
+    // Applying by log goes on after the install, and so does the stream.
+    write_concurrently(
+        c.http.clone(),
+        vec![c.api(follower).to_owned()],
+        CONV,
+        "after",
+        10,
+        1,
+    )
+    .await;
+    let records = c
+        .wait_same_messages(&c.ids(), CONV, 230, Duration::from_secs(10))
+        .await;
+    expect_records(&mut stream, 221, &records, "after the install").await;
+}
+
+/// Stopping a node ends its open streams cleanly (the body ends, no reset), both a caught-up
+/// one and one still reading history, and the node exits 0 without waiting for them.
+#[tokio::test(flavor = "multi_thread")]
+async fn stopping_a_node_ends_its_streams() {
+    const CONV: &str = "stopping";
+    let mut c = Cluster::start(Options::nodes(3)).await;
+    write_concurrently(c.http.clone(), c.apis(), CONV, "m", 50, 4).await;
+    c.wait_same_messages(&c.ids(), CONV, 50, Duration::from_secs(10))
+        .await;
+    let path = format!("/api/v1/stream?conv_id={CONV}&from=1");
+    let mut caught_up = SseStream::open(&c.http, c.api(3), &path, None)
+        .await
+        .expect("a stream");
+    caught_up.expect(50, Duration::from_secs(10)).await;
+    // This one reads nothing, so it stays behind with the history unread.
+    let mut unread = SseStream::open(&c.http, c.api(3), &path, None)
+        .await
+        .expect("a stream");
+    let status = c.terminate(3, Duration::from_secs(15)).await;
+    assert!(status.success(), "node 3 exited with {status}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    match caught_up.next_event(deadline).await {
+        Err(common::sse::SseEnd::Closed) => {}
+        other => panic!("the caught-up stream did not end cleanly: {other:?}"),
+    }
+    let (events, end) = unread.take(51, deadline).await;
+    assert!(events.len() <= 50, "{events:?}");
+    assert_eq!(end, Some(common::sse::SseEnd::Closed));
 }

@@ -115,6 +115,14 @@ impl AppState {
         commit_index: Arc<AtomicU64>,
         security: Arc<Security>,
     ) -> Self {
+        // Event streams wait on their conversation's live window, not on `shutdown`: closing
+        // the windows when the node begins to stop ends them all.
+        let tail = reader.tail().clone();
+        let mut stopping = shutdown.clone();
+        tokio::spawn(async move {
+            let _ = stopping.wait_for(|s| *s).await;
+            tail.close();
+        });
         AppState {
             node_id: config.node_id,
             batcher: batcher::Batcher::start(raft.clone()),

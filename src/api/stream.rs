@@ -1,26 +1,42 @@
 //! `GET /api/v1/stream`: Server-Sent Events of applied messages, in commit order.
 //!
-//! A subscriber holds no queue of its own: it reads pages from SQLite after its last seq and,
-//! when it has caught up, waits for the applied index to move. A slow reader therefore never
-//! loses a message and never makes the node buffer for it; the history and the live tail are
-//! the same query, so they join with no gap and no duplicate.
+//! A subscriber holds no queue of its own. While it is behind its conversation's live window
+//! (history, catch-up, a slow reader) it reads pages from SQLite after its last seq, straight
+//! into event bytes; once its next seq is in the window ([`crate::fanout`]) it sends the
+//! events the state machine serialised once for every subscriber. Both are asked for exactly
+//! the next seq, and seq is dense per conversation, so history and live tail join with no gap
+//! and no duplicate, and a slow reader never makes the node buffer for it.
+//!
+//! The body is written here rather than with warp's `sse` module, in the same wire format
+//! (`event:message`, `data:`, `id:` lines; `:keep-alive` comments), so that many events go out
+//! as one chunk and an event's bytes are shared between subscribers instead of formatted for
+//! each.
 
-use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use futures_util::stream::{self, Stream, StreamExt};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, Sleep};
+use warp::http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use warp::http::HeaderMap;
-use warp::sse::Event;
 use warp::{Filter, Reply};
 
 use super::error::reply_json;
 use super::messages::{check_conv_id, form_pairs, DEFAULT_CONV};
 use super::{with_state, ApiError, AppState};
-use crate::types::Record;
+use crate::fanout::{event::KEEP_ALIVE, Next, Subscription};
+use crate::store::{EventPage, MessageReader, StoreError};
 
-/// Records read from SQLite per query.
-const PAGE: usize = 256;
+/// Most events read from SQLite per query.
+const PAGE_EVENTS: usize = 4096;
+/// About the most bytes sent as one chunk, from SQLite or from the live window.
+const CHUNK_BYTES: usize = 256 << 10;
 
 pub fn routes(
     state: Arc<AppState>,
@@ -46,14 +62,15 @@ pub fn routes(
                 match slot {
                     Ok((conv_id, from, slot)) => {
                         tracing::debug!(%conv_id, from, "stream subscriber");
-                        let keep_alive = warp::sse::keep_alive()
-                            .interval(state.sse_keepalive)
-                            .text("keep-alive");
                         // The stream holds its slot until it ends or the client leaves.
-                        let events = events(state, conv_id, from).inspect(move |_| {
+                        let events = EventStream::new(&state, conv_id, from).inspect(move |_| {
                             let _held = &slot;
                         });
-                        warp::sse::reply(keep_alive.stream(events)).into_response()
+                        let mut resp = warp::reply::stream(events).into_response();
+                        let headers = resp.headers_mut();
+                        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+                        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                        resp
                     }
                     Err(e) => reply_json::<()>(Err(e)),
                 }
@@ -110,68 +127,121 @@ async fn start(
     }
 }
 
-struct Cursor {
-    state: Arc<AppState>,
+/// The body of one event stream.
+struct EventStream {
+    /// The conversation's live window.
+    sub: Subscription,
+    reader: MessageReader,
     conv_id: String,
+    /// The seq of the next event to send.
     next_seq: u64,
-    buffered: VecDeque<Record>,
-    applied: tokio::sync::watch::Receiver<u64>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    /// A store read in flight, with the window version it was started at.
+    read: Option<(JoinHandle<Result<EventPage, StoreError>>, u64)>,
+    /// The window version at which a store read last found nothing new.
+    read_empty_at: Option<u64>,
+    /// Fires `keep_alive` after the last send; moved on lazily, when it fires.
+    keep_alive_timer: Pin<Box<Sleep>>,
+    keep_alive: Duration,
+    last_sent: Instant,
+    done: bool,
     /// Counts this subscription in the SSE gauge of `/metrics` for as long as it lives.
     _subscriber: crate::metrics::SubscriberGuard,
 }
 
-fn events(
-    state: Arc<AppState>,
-    conv_id: String,
-    from: u64,
-) -> impl Stream<Item = Result<Event, Infallible>> + Send {
-    let cursor = Cursor {
-        applied: state.reader.applied(),
-        shutdown: state.shutdown.clone(),
-        state,
-        conv_id,
-        next_seq: from,
-        buffered: VecDeque::new(),
-        _subscriber: crate::metrics::SubscriberGuard::new(),
-    };
-    stream::unfold(cursor, |mut c| async move {
-        loop {
-            if let Some(record) = c.buffered.pop_front() {
-                let event = to_event(&record);
-                return Some((Ok(event), c));
-            }
-            if *c.shutdown.borrow() {
-                return None;
-            }
-            // Mark the applied index seen before reading, so an apply that lands after the
-            // read wakes us and nothing slips between the query and the wait.
-            c.applied.borrow_and_update();
-            match c.state.reader.page(&c.conv_id, c.next_seq, PAGE).await {
-                Ok(page) if !page.is_empty() => {
-                    c.next_seq = page.last().map_or(c.next_seq, |r| r.seq + 1);
-                    c.buffered.extend(page);
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    tracing::warn!(conv_id = %c.conv_id, error = %e, "ending a stream: the store could not be read");
-                    return None;
-                }
-            }
-            tokio::select! {
-                changed = c.applied.changed() => if changed.is_err() { return None },
-                _ = c.shutdown.changed() => return None,
-            }
+impl EventStream {
+    fn new(state: &AppState, conv_id: String, from: u64) -> EventStream {
+        let now = Instant::now();
+        EventStream {
+            sub: state.reader.tail().subscribe(&conv_id),
+            reader: state.reader.clone(),
+            conv_id,
+            next_seq: from,
+            read: None,
+            read_empty_at: None,
+            keep_alive_timer: Box::pin(tokio::time::sleep_until(now + state.sse_keepalive)),
+            keep_alive: state.sse_keepalive,
+            last_sent: now,
+            // A stream opened while the node stops ends at once.
+            done: *state.shutdown.borrow(),
+            _subscriber: crate::metrics::SubscriberGuard::new(),
         }
-    })
+    }
+
+    fn sent(&mut self, bytes: Bytes) -> Poll<Option<Result<Bytes, Infallible>>> {
+        self.last_sent = Instant::now();
+        Poll::Ready(Some(Ok(bytes)))
+    }
+
+    fn end(&mut self) -> Poll<Option<Result<Bytes, Infallible>>> {
+        self.done = true;
+        self.read = None;
+        Poll::Ready(None)
+    }
 }
 
-fn to_event(record: &Record) -> Event {
-    // A Record always serialises: every field is a string, a number or a string map.
-    let data = serde_json::to_string(record).unwrap_or_default();
-    Event::default()
-        .event("message")
-        .id(record.seq.to_string())
-        .data(data)
+impl Stream for EventStream {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            if let Some((handle, version)) = &mut this.read {
+                let version = *version;
+                let page = match Pin::new(handle).poll(cx) {
+                    Poll::Pending => break,
+                    Poll::Ready(Ok(Ok(page))) => page,
+                    Poll::Ready(Ok(Err(e))) => {
+                        tracing::warn!(conv_id = %this.conv_id, error = %e, "ending a stream: the store could not be read");
+                        return this.end();
+                    }
+                    Poll::Ready(Err(e)) => {
+                        tracing::warn!(conv_id = %this.conv_id, error = %e, "ending a stream: its store read failed");
+                        return this.end();
+                    }
+                };
+                this.read = None;
+                if page.count == 0 {
+                    this.read_empty_at = Some(version);
+                    continue;
+                }
+                this.next_seq = page.next_seq;
+                return this.sent(page.bytes);
+            }
+            match this
+                .sub
+                .next(this.next_seq, this.read_empty_at, CHUNK_BYTES, cx.waker())
+            {
+                Next::Events(bytes, next_seq) => {
+                    this.next_seq = next_seq;
+                    return this.sent(bytes);
+                }
+                Next::Behind(version) => {
+                    let handle = this.reader.spawn_event_page(
+                        &this.conv_id,
+                        this.next_seq,
+                        PAGE_EVENTS,
+                        CHUNK_BYTES,
+                    );
+                    this.read = Some((handle, version));
+                }
+                Next::Wait => break,
+                Next::Closed => return this.end(),
+            }
+        }
+        // Nothing to send now: a keep-alive comment once nothing was sent for the interval.
+        while this.keep_alive_timer.as_mut().poll(cx).is_ready() {
+            let due = this.last_sent + this.keep_alive;
+            if due <= Instant::now() {
+                this.keep_alive_timer
+                    .as_mut()
+                    .reset(Instant::now() + this.keep_alive);
+                return this.sent(Bytes::from_static(KEEP_ALIVE));
+            }
+            this.keep_alive_timer.as_mut().reset(due);
+        }
+        Poll::Pending
+    }
 }

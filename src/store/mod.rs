@@ -7,7 +7,8 @@
 //!   last applied log id and membership).
 //! - [`snapshot`]: [`SnapshotBuilder`] and the `snapshots/` directory: consistent copies of
 //!   `messages.db` made with `VACUUM INTO`, and the install of a received one.
-//! - [`reader`]: [`MessageReader`], a small pool of read-only connections for the HTTP API.
+//! - [`reader`]: [`MessageReader`], a small pool of read-only connections for the HTTP API,
+//!   and the live tails ([`crate::fanout::Tail`]) the state machine fills after each apply.
 //!
 //! # Durability rules, and where they are enforced
 //! - Every live connection runs `journal_mode=WAL` and `synchronous=FULL` ([`open_live`]): a
@@ -49,7 +50,7 @@ use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
 use rusqlite::{Connection, OpenFlags};
 
 pub use self::log::LogStore;
-pub use self::reader::{ConversationInfo, MessageReader};
+pub use self::reader::{ConversationInfo, EventPage, MessageReader};
 pub(crate) use self::sm::set_state_membership;
 pub use self::sm::StateMachineStore;
 pub use self::snapshot::SnapshotBuilder;
@@ -99,10 +100,11 @@ pub async fn open(data_dir: &Path) -> Result<Stores, StoreError> {
         let log = LogStore::open(&data_dir.join(LOG_DB))?;
         let snapshots = snapshot::SnapshotDir::open(&data_dir.join(SNAPSHOT_DIR))?;
         let messages = data_dir.join(MESSAGES_DB);
-        let (sm, applied) = StateMachineStore::open(&messages, snapshots)?;
+        let tail = crate::fanout::Tail::new();
+        let (sm, applied) = StateMachineStore::open(&messages, snapshots, tail.clone())?;
         // The state machine created the schema and switched the file to WAL: only now can the
         // read-only connections open it.
-        let reader = MessageReader::open(&messages, applied, READ_POOL_SIZE)?;
+        let reader = MessageReader::open(&messages, applied, tail, READ_POOL_SIZE)?;
         Ok(Stores { log, sm, reader })
     })
     .await

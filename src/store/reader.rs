@@ -8,12 +8,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, TryLockError};
 
+use bytes::Bytes;
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OptionalExtension, Row};
 use serde::Serialize;
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{blocking, from_sql, lock, open_live, Access, SqlContext, StoreError};
+use crate::fanout::{event, Tail};
 use crate::types::{format_millis, Record, VectorClock};
 
 /// The columns [`RawRecord::from_row`] expects, in order.
@@ -120,12 +124,25 @@ struct ReaderShared {
     next: AtomicUsize,
     /// Last applied log index, published by the state machine after each COMMIT.
     applied: watch::Receiver<u64>,
+    /// The live tails of watched conversations, filled by the state machine.
+    tail: Tail,
+}
+
+/// Events of one conversation read from the store for an event stream.
+pub struct EventPage {
+    /// The events, back to back, in the wire form of [`crate::fanout::event`].
+    pub bytes: Bytes,
+    /// How many events `bytes` holds (0: none stored from the asked seq on).
+    pub count: usize,
+    /// The seq after the last event (the asked seq when there is none).
+    pub next_seq: u64,
 }
 
 impl MessageReader {
     pub(crate) fn open(
         path: &Path,
         applied: watch::Receiver<u64>,
+        tail: Tail,
         size: usize,
     ) -> Result<MessageReader, StoreError> {
         let conns = (0..size.max(1))
@@ -142,6 +159,7 @@ impl MessageReader {
                 conns,
                 next: AtomicUsize::new(0),
                 applied,
+                tail,
             }),
         })
     }
@@ -153,25 +171,26 @@ impl MessageReader {
         T: Send + 'static,
     {
         let inner = self.inner.clone();
-        blocking(move || {
-            let n = inner.conns.len();
-            let start = inner.next.fetch_add(1, Ordering::Relaxed) % n;
-            for i in 0..n {
-                match inner.conns[(start + i) % n].try_lock() {
-                    Ok(conn) => return f(&conn, &inner.path),
-                    Err(TryLockError::WouldBlock) => continue,
-                    Err(TryLockError::Poisoned(_)) => {
-                        return Err(StoreError::Poisoned {
-                            path: inner.path.clone(),
-                        })
-                    }
-                }
-            }
-            // All busy: wait for the one this call was assigned.
-            let conn = lock(&inner.conns[start], &inner.path)?;
-            f(&conn, &inner.path)
+        blocking(move || inner.on_free_conn(f)).await
+    }
+
+    /// The events of `conv_id` from `from_seq` on, in seq order: at most `max_events`, and no
+    /// more once they pass `max_bytes`. Runs in the blocking pool; the handle is `Sync` and
+    /// `Unpin`, so a hand-written stream can hold and poll it.
+    pub fn spawn_event_page(
+        &self,
+        conv_id: &str,
+        from_seq: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> JoinHandle<Result<EventPage, StoreError>> {
+        let inner = self.inner.clone();
+        let conv_id = conv_id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            inner.on_free_conn(|conn, path| {
+                event_page(conn, path, &conv_id, from_seq, max_events, max_bytes)
+            })
         })
-        .await
     }
 
     /// Messages of `conv_id` with `seq >= from_seq`, ascending, at most `limit`.
@@ -278,4 +297,100 @@ impl MessageReader {
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.inner.applied.clone()
     }
+
+    /// The live tails of watched conversations, for event streams.
+    pub fn tail(&self) -> &Tail {
+        &self.inner.tail
+    }
+}
+
+impl ReaderShared {
+    /// Runs `f` on a free pooled connection, on the calling (blocking) thread.
+    fn on_free_conn<T>(
+        &self,
+        f: impl FnOnce(&Connection, &Path) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let n = self.conns.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            match self.conns[(start + i) % n].try_lock() {
+                Ok(conn) => return f(&conn, &self.path),
+                Err(TryLockError::WouldBlock) => continue,
+                Err(TryLockError::Poisoned(_)) => {
+                    return Err(StoreError::Poisoned {
+                        path: self.path.clone(),
+                    })
+                }
+            }
+        }
+        // All busy: wait for the one this call was assigned.
+        let conn = lock(&self.conns[start], &self.path)?;
+        f(&conn, &self.path)
+    }
+}
+
+/// Reads rows straight into event bytes: the columns are borrowed from the statement, so no
+/// `Record` and no string is built per event.
+fn event_page(
+    conn: &Connection,
+    path: &Path,
+    conv_id: &str,
+    from_seq: u64,
+    max_events: usize,
+    max_bytes: usize,
+) -> Result<EventPage, StoreError> {
+    let from = i64::try_from(from_seq).unwrap_or(i64::MAX); // beyond any stored seq
+    let limit = i64::try_from(max_events).unwrap_or(i64::MAX); // SQLite's LIMIT is signed
+    let sql = format!(
+        "SELECT {RECORD_COLUMNS} FROM messages
+         WHERE conv_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3"
+    );
+    let mut stmt = conn.prepare_cached(&sql).at(path)?;
+    let mut rows = stmt.query((conv_id, from, limit)).at(path)?;
+    // Small to start with: most reads of a subscriber at the head find nothing or a few
+    // events, and a large buffer kept per read would show in the node's memory.
+    let mut out = Vec::with_capacity(4096);
+    let mut count = 0;
+    let mut next_seq = from_seq;
+    while out.len() < max_bytes {
+        let Some(row) = rows.next().at(path)? else {
+            break;
+        };
+        let text = |i: usize, what: &str| -> Result<&str, StoreError> {
+            match row.get_ref(i).at(path)? {
+                ValueRef::Text(t) => std::str::from_utf8(t)
+                    .map_err(|e| StoreError::invalid(path, format!("{what} is not UTF-8: {e}"))),
+                other => Err(StoreError::invalid(
+                    path,
+                    format!("{what} is {:?}, not text", other.data_type()),
+                )),
+            }
+        };
+        let int = |i: usize, what: &str| -> Result<u64, StoreError> {
+            from_sql(row.get::<_, i64>(i).at(path)?, what, path)
+        };
+        let seq = int(1, "seq")?;
+        let fields = event::RowFields {
+            index: int(0, "index")?,
+            seq,
+            term: int(2, "term")?,
+            conv_id: text(3, "conv_id")?,
+            msg_id: text(4, "msg_id")?,
+            sender: text(5, "sender")?,
+            payload: text(6, "payload")?,
+            vector_clock: match row.get_ref(7).at(path)? {
+                ValueRef::Null => None,
+                _ => Some(text(7, "vector_clock")?),
+            },
+            committed_at_ms: row.get(8).at(path)?,
+        };
+        event::write_row(&mut out, &fields);
+        count += 1;
+        next_seq = seq + 1;
+    }
+    Ok(EventPage {
+        bytes: Bytes::from(out),
+        count,
+        next_seq,
+    })
 }

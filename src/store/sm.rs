@@ -18,6 +18,7 @@ use super::{
     blocking, ensure_schema, from_sql, lock, open_live, put_json, sql_path, sync_database, to_sql,
     Access, KvTable, SqlContext, StoreError,
 };
+use crate::fanout::Tail;
 use crate::types::{
     format_millis, Entry, LogId, NewMessage, Record, Request, Response, SnapshotMeta, StorageError,
     StoredMembership, TypeConfig,
@@ -65,6 +66,9 @@ struct SmShared {
     snapshots: Arc<SnapshotDir>,
     /// Last applied log index, published after each COMMIT for [`super::MessageReader`].
     applied: watch::Sender<u64>,
+    /// The live tails of event streams: handed each newly stored record after its COMMIT,
+    /// reset when a snapshot replaces the state.
+    tail: Tail,
     /// Files handed out by `begin_receiving_snapshot`, by (device, inode), so that
     /// `install_snapshot` can use the received file in place instead of copying it.
     receiving: Mutex<HashMap<(u64, u64), PathBuf>>,
@@ -76,6 +80,7 @@ impl StateMachineStore {
     pub(crate) fn open(
         path: &Path,
         snapshots: Arc<SnapshotDir>,
+        tail: Tail,
     ) -> Result<(StateMachineStore, watch::Receiver<u64>), StoreError> {
         let mut conn = open_live(path, Access::ReadWrite)?;
         // Durability: see the rules in `store` — the Raft log holds every applied entry on
@@ -91,6 +96,7 @@ impl StateMachineStore {
                 conn: Mutex::new(conn),
                 snapshots,
                 applied: tx,
+                tail,
                 receiving: Mutex::new(HashMap::new()),
             }),
         };
@@ -186,6 +192,21 @@ fn newly_stored_bytes(response: &Response, out: &mut Vec<(String, u64)>) {
         Response::Batch(each) => {
             for r in each {
                 newly_stored_bytes(r, out);
+            }
+        }
+    }
+}
+
+/// The records `response` newly stored, in order (for the live tails).
+///
+/// Exhaustive like [`newly_stored_bytes`], for the same reason.
+fn newly_stored<'a>(response: &'a Response, out: &mut Vec<&'a Record>) {
+    match response {
+        Response::Stored(r) => out.push(r),
+        Response::Duplicate(_) | Response::Conflict(_) | Response::None => {}
+        Response::Batch(each) => {
+            for r in each {
+                newly_stored(r, out);
             }
         }
     }
@@ -327,8 +348,15 @@ impl SmShared {
             put_sm_meta(&tx, path, KEY_LAST_APPLIED, &last)?;
         }
         tx.commit().at(path)?;
+        // Only after COMMIT: subscribers may send these records on at once, and readers that
+        // wake on the applied index see the rows. Still under the connection's lock, so the
+        // tails get the records in apply order and never after a later snapshot install.
+        let mut stored = Vec::new();
+        for r in &responses {
+            newly_stored(r, &mut stored);
+        }
+        self.tail.publish(stored);
         if let Some(last) = last_applied {
-            // Only after COMMIT: readers that wake on this see the rows.
             self.applied.send_replace(last.index);
         }
         crate::metrics::add_conv_bytes(added_bytes);
@@ -342,6 +370,8 @@ impl SmShared {
         {
             let mut conn = lock(&self.conn, &self.path)?;
             replace_state(&mut conn, &self.path, file.path(), meta)?;
+            // The windows describe the replaced state: subscribers re-read from the new one.
+            self.tail.reset();
             crate::metrics::set_conv_bytes(conv_payload_bytes(&conn, &self.path)?);
         }
         // The state machine now is the snapshot: tell readers before anything else can fail.

@@ -761,3 +761,104 @@ async fn a_batch_entry_stores_its_messages_in_order() -> TestResult {
     assert_eq!(s.sm.applied_state().await?.0, Some(lid(1, 2)));
     Ok(())
 }
+
+/// Takes everything a subscription's window holds from `seq` on.
+fn from_window(sub: &crate::fanout::Subscription, seq: u64) -> Option<(bytes::Bytes, u64)> {
+    let waker = futures_util::task::noop_waker_ref();
+    match sub.next(seq, None, usize::MAX, waker) {
+        crate::fanout::Next::Events(b, next) => Some((b, next)),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn the_live_window_holds_the_same_event_bytes_as_the_store() -> TestResult {
+    let (_dir, mut s) = fresh().await?;
+    // Stored before anyone watched: only in SQLite.
+    s.sm.apply([post(1, 1, &msg("general", "early"))]).await?;
+    let sub = s.reader.tail().subscribe("general");
+    let mut clocked = msg("general", "line\nbreak \"quoted\" é");
+    clocked.vector_clock = Some(serde_json::from_str(r#"{"zed":2,"alice":1}"#)?);
+    let batch = vec![
+        msg("general", "second"),
+        msg("other", "not watched"),
+        clocked,
+    ];
+    s.sm.apply([
+        Entry {
+            log_id: lid(1, 2),
+            payload: EntryPayload::Normal(Request::Batch(batch)),
+        },
+        post(1, 3, &msg("general", "fourth")),
+    ])
+    .await?;
+    assert!(from_window(&sub, 1).is_none(), "seq 1 predates the window");
+    let (live, next) = from_window(&sub, 2).ok_or("seqs 2.. are in the window")?;
+    assert_eq!(next, 5);
+    let stored = s
+        .reader
+        .spawn_event_page("general", 2, 100, 1 << 20)
+        .await??;
+    assert_eq!((stored.count, stored.next_seq), (3, 5));
+    assert_eq!(
+        String::from_utf8_lossy(&live),
+        String::from_utf8_lossy(&stored.bytes)
+    );
+    // Byte-bounded store pages stop after the event that passes the bound.
+    let first = s.reader.spawn_event_page("general", 1, 100, 1).await??;
+    assert_eq!((first.count, first.next_seq), (1, 2));
+    let none = s
+        .reader
+        .spawn_event_page("general", 5, 100, 1 << 20)
+        .await??;
+    assert_eq!((none.count, none.next_seq), (0, 5));
+    assert_eq!(
+        s.reader.tail().usage().0,
+        1,
+        "only the watched conversation"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_snapshot_install_empties_the_live_windows() -> TestResult {
+    let (_ldir, mut leader) = fresh().await?;
+    let entries: Vec<Entry> = (1..=20)
+        .map(|i| post(1, i, &msg("general", &format!("m{i}"))))
+        .collect();
+    leader.sm.apply(entries).await?;
+    leader
+        .sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await?;
+
+    let (_fdir, mut follower) = fresh().await?;
+    let sub = follower.reader.tail().subscribe("general");
+    follower
+        .sm
+        .apply([post(1, 1, &msg("general", "m1"))])
+        .await?;
+    assert!(from_window(&sub, 1).is_some());
+    transfer(&mut leader.sm, &mut follower.sm).await?;
+    assert!(
+        from_window(&sub, 1).is_none(),
+        "the window must not describe the replaced state"
+    );
+    assert_eq!(follower.reader.tail().usage(), (1, 0));
+    // Applying goes on after the snapshot, and the window starts at the next seq.
+    let out = follower
+        .sm
+        .apply([post(1, 21, &msg("general", "m21"))])
+        .await?;
+    assert_eq!(stored(&out[0])?.seq, 21);
+    let (live, next) = from_window(&sub, 21).ok_or("seq 21 is in the window")?;
+    assert_eq!(next, 22);
+    let page = follower
+        .reader
+        .spawn_event_page("general", 21, 10, 1 << 20)
+        .await??;
+    assert_eq!(live, page.bytes);
+    Ok(())
+}
