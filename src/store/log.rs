@@ -4,9 +4,10 @@
 //! `(last_purged, last]`: `purge` cuts the front, `truncate` cuts the back, `append` extends it.
 //!
 //! # Group commit
-//! One writer thread owns the only writing connection. Every write (append, vote, committed,
-//! truncate, purge) is a command on its queue; the thread takes everything queued, runs it in
-//! ONE transaction, commits (one fsync), and only then reports each command done. While one
+//! One writer thread owns the only writing connection. Every write (append, vote, truncate,
+//! purge) is a command on its queue; the thread takes everything queued, runs it in ONE
+//! transaction, commits (one fsync), and only then reports each command done. The committed
+//! log id is not a command: the latest one rides along with the next transaction. While one
 //! fsync runs, the next batch queues up, so a busy leader pays one fsync for many entries.
 //!
 //! `append` returns as soon as its entries are queued, as openraft's storage API allows; the
@@ -71,6 +72,17 @@ struct LogShared {
     /// The committed log index as last saved by openraft (0 = none), for `/status` and
     /// `/readyz`; see [`LogStore::commit_index_handle`].
     committed: Arc<AtomicU64>,
+    /// The committed log id as openraft last saved it, and whether it is still to be written.
+    /// It rides along with the next transaction the writer makes anyway, never costing an
+    /// fsync of its own.
+    committed_latest: Arc<Mutex<PendingCommitted>>,
+}
+
+/// The last committed log id openraft saved; `dirty` until the writer has written it.
+#[derive(Default)]
+struct PendingCommitted {
+    latest: Option<Option<LogId>>,
+    dirty: bool,
 }
 
 impl LogStore {
@@ -82,13 +94,14 @@ impl LogStore {
         let committed: Option<LogId> = get_meta(&reader, path, KEY_COMMITTED)?;
         let committed = Arc::new(AtomicU64::new(committed.map_or(0, |c| c.index)));
         let unflushed = Arc::new(Mutex::new(BTreeMap::new()));
+        let committed_latest = Arc::new(Mutex::new(PendingCommitted::default()));
         let (tx, rx) = mpsc::channel();
         let thread = Writer {
             conn: writer,
             path: path.to_path_buf(),
             rx,
             unflushed: unflushed.clone(),
-            committed: committed.clone(),
+            committed_latest: committed_latest.clone(),
             failed: None,
         };
         let handle = std::thread::Builder::new()
@@ -103,6 +116,7 @@ impl LogStore {
                 unflushed,
                 reader: Mutex::new(reader),
                 committed,
+                committed_latest,
             }),
         })
     }
@@ -329,15 +343,29 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         .await
     }
 
-    /// Queued with the next group commit, not waited for: openraft does not need the committed
-    /// index on disk before it goes on (losing it only means re-applying from the log).
-    /// `commit_index_handle` shows it once it is on disk.
+    /// Kept in memory and written with the next transaction the writer makes for other
+    /// reasons (an append, a vote), never with an fsync of its own: openraft does not need the
+    /// committed index on disk (a lower one at start only means fewer entries re-applied before
+    /// the leader tells the commit again), while an fsync just for it would delay the next
+    /// append on every node. `commit_index_handle` shows it at once.
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        self.send(Command::Committed(committed))
-            .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Write))
+        let mut pending = lock(&self.inner.committed_latest, &self.inner.path)
+            .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Write))?;
+        pending.latest = Some(committed);
+        pending.dirty = true;
+        self.inner
+            .committed
+            .store(committed.map_or(0, |c| c.index), Ordering::Release);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        let latest = lock(&self.inner.committed_latest, &self.inner.path)
+            .map_err(|e| e.into_storage(ErrorSubject::Store, ErrorVerb::Read))?
+            .latest;
+        if let Some(latest) = latest {
+            return Ok(latest);
+        }
         self.read(ErrorSubject::Store, |conn, path| {
             get_meta(conn, path, KEY_COMMITTED)
         })
@@ -431,8 +459,6 @@ enum Command {
         entries: Vec<Entry>,
         callback: LogFlushed<TypeConfig>,
     },
-    /// The committed log id; published through `commit_index_handle` once on disk.
-    Committed(Option<LogId>),
     /// Any other write; `done` gets the outcome once it is on disk.
     Exec {
         /// Taken (left `None`) when it runs.
@@ -453,7 +479,8 @@ struct Writer {
     path: PathBuf,
     rx: mpsc::Receiver<Command>,
     unflushed: Arc<Mutex<BTreeMap<u64, Entry>>>,
-    committed: Arc<AtomicU64>,
+    /// The committed log id to write with the next transaction, when dirty.
+    committed_latest: Arc<Mutex<PendingCommitted>>,
     /// Set by the first failed commit: nothing is written after it, every later command fails
     /// (the node stops on the first error; this keeps a half-broken disk from being trusted).
     failed: Option<String>,
@@ -489,6 +516,19 @@ impl Writer {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(&path)?;
+        let committed = {
+            let mut pending = lock(&self.committed_latest, &path)?;
+            let dirty = std::mem::take(&mut pending.dirty);
+            pending.latest.filter(|_| dirty)
+        };
+        match committed {
+            Some(Some(c)) => put_meta(&tx, &path, KEY_COMMITTED, &c)?,
+            Some(None) => {
+                tx.execute("DELETE FROM meta WHERE key = ?1", [KEY_COMMITTED])
+                    .at(&path)?;
+            }
+            None => {}
+        }
         for command in group.iter_mut() {
             match command {
                 Command::Append { entries, .. } => {
@@ -505,11 +545,6 @@ impl Writer {
                         stmt.execute((to_sql(entry.log_id.index, "log index", &path)?, json))
                             .at(&path)?;
                     }
-                }
-                Command::Committed(Some(c)) => put_meta(&tx, &path, KEY_COMMITTED, c)?,
-                Command::Committed(None) => {
-                    tx.execute("DELETE FROM meta WHERE key = ?1", [KEY_COMMITTED])
-                        .at(&path)?;
                 }
                 Command::Exec { op, .. } => {
                     if let Some(op) = op.take() {
@@ -551,13 +586,6 @@ impl Writer {
                         Err(e) => Err(io::Error::other(e.to_string())),
                     };
                     callback.log_io_completed(outcome);
-                }
-                Command::Committed(c) => {
-                    if result.is_ok() {
-                        // Published only once it is on disk, like everything this store reports.
-                        self.committed
-                            .store(c.map_or(0, |c| c.index), Ordering::Release);
-                    }
                 }
                 Command::Exec { done, .. } => {
                     let outcome = match &result {

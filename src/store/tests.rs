@@ -353,7 +353,7 @@ async fn reopening_keeps_everything() -> TestResult {
     s.sm.apply(entries.clone()).await?;
     let snap = s.sm.get_snapshot_builder().await.build_snapshot().await?;
     s.log.purge(lid(3, 4)).await?;
-    // The committed index is written with the next group commit; the purge waited for its own.
+    // The committed index rides along with the next transaction the writer makes: the purge.
     assert_eq!(s.log.commit_index_handle().load(Ordering::Acquire), 10);
     let before = dump(&s.reader).await?;
     let applied_before = s.sm.applied_state().await?;
