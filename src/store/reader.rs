@@ -202,12 +202,7 @@ impl MessageReader {
     ) -> Result<Vec<Record>, StoreError> {
         let conv_id = conv_id.to_owned();
         self.with_conn(move |conn, path| {
-            let from = i64::try_from(from_seq).unwrap_or(i64::MAX); // beyond any stored seq
-            let limit = i64::try_from(limit).unwrap_or(i64::MAX); // SQLite's LIMIT is signed
-            let sql = format!(
-                "SELECT {RECORD_COLUMNS} FROM messages
-                 WHERE conv_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3"
-            );
+            let (sql, from, limit) = page_query(from_seq, limit);
             let mut stmt = conn.prepare_cached(&sql).at(path)?;
             let rows = stmt
                 .query_map((conv_id, from, limit), RawRecord::from_row)
@@ -339,12 +334,7 @@ fn event_page(
     max_events: usize,
     max_bytes: usize,
 ) -> Result<EventPage, StoreError> {
-    let from = i64::try_from(from_seq).unwrap_or(i64::MAX); // beyond any stored seq
-    let limit = i64::try_from(max_events).unwrap_or(i64::MAX); // SQLite's LIMIT is signed
-    let sql = format!(
-        "SELECT {RECORD_COLUMNS} FROM messages
-         WHERE conv_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3"
-    );
+    let (sql, from, limit) = page_query(from_seq, max_events);
     let mut stmt = conn.prepare_cached(&sql).at(path)?;
     let mut rows = stmt.query((conv_id, from, limit)).at(path)?;
     // Small to start with: most reads of a subscriber at the head find nothing or a few
@@ -393,4 +383,16 @@ fn event_page(
         count,
         next_seq,
     })
+}
+
+/// The query of one page of a conversation from `from_seq` on, at most `limit` records, with
+/// its bound parameters (`?1` is the conversation).
+fn page_query(from_seq: u64, limit: usize) -> (String, i64, i64) {
+    let from = i64::try_from(from_seq).unwrap_or(i64::MAX); // beyond any stored seq
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX); // SQLite's LIMIT is signed
+    let sql = format!(
+        "SELECT {RECORD_COLUMNS} FROM messages
+         WHERE conv_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3"
+    );
+    (sql, from, limit)
 }
