@@ -207,11 +207,17 @@ impl Config {
         // so a permission problem is reported as one.
         let text = std::fs::read_to_string(path)
             .map_err(|e| file_error(&file, &format!("cannot read config file: {e}")))?;
+        Config::from_toml_str(&text, &file)
+    }
+
+    /// Parses `text` as the contents of the config file `file` (named in errors), applies
+    /// environment overrides and validates the result: [`Config::load`] after the read.
+    pub fn from_toml_str(text: &str, file: &str) -> Result<Config, ConfigError> {
         let figment = Figment::from(Serialized::defaults(Config::default()))
-            .merge(Toml::string(&text))
+            .merge(Toml::string(text))
             .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"));
-        let config: Config = figment.extract().map_err(|e| from_figment(&file, e))?;
-        config.validate(&file)?;
+        let config: Config = figment.extract().map_err(|e| from_figment(file, e))?;
+        config.validate(file)?;
         Ok(config)
     }
 

@@ -18,12 +18,15 @@
 //! - [`backup`]: backup and restore of the message store.
 //! - [`cli`]: the operator's client subcommands (`status`, `members`, `send`, `tail`,
 //!   `backup`, `restore`).
+//! - [`fuzzing`]: entry points for the fuzz targets in `fuzz/`: the decoders of untrusted
+//!   bytes (message bodies, Raft RPC bodies), called as the listeners call them.
 
 pub mod api;
 pub mod backup;
 pub mod chaos;
 pub mod cli;
 pub mod config;
+pub mod fuzzing;
 pub mod handoff;
 pub mod local_cluster;
 pub mod metrics;
