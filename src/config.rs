@@ -219,7 +219,8 @@ impl Default for Config {
 pub struct ConfigError {
     /// The file (or "environment") the bad value came from.
     pub source: String,
-    /// The key, dotted (`api.listen`); empty when the problem is the file itself.
+    /// The key as written in TOML (`api.listen`; a part that is not a bare key is quoted);
+    /// empty when the problem is the file itself.
     pub key: String,
     pub message: String,
 }
@@ -260,11 +261,17 @@ impl Config {
         // so a permission problem is reported as one.
         let text = std::fs::read_to_string(path)
             .map_err(|e| file_error(&file, &format!("cannot read config file: {e}")))?;
+        Config::from_toml_str(&text, &file)
+    }
+
+    /// Parses `text` as the contents of the config file `file` (named in errors), applies
+    /// environment overrides and validates the result: [`Config::load`] after the read.
+    pub fn from_toml_str(text: &str, file: &str) -> Result<Config, ConfigError> {
         let figment = Figment::from(Serialized::defaults(Config::default()))
-            .merge(Toml::string(&text))
+            .merge(Toml::string(text))
             .merge(Env::prefixed(ENV_PREFIX).ignore(&["config"]).split("__"));
-        let config: Config = figment.extract().map_err(|e| from_figment(&file, e))?;
-        config.validate(&file)?;
+        let config: Config = figment.extract().map_err(|e| from_figment(file, e))?;
+        config.validate(file)?;
         Ok(config)
     }
 
@@ -463,17 +470,17 @@ fn file_error(file: &str, message: &str) -> ConfigError {
 }
 
 fn from_figment(file: &str, e: figment::Error) -> ConfigError {
-    let key = e.path.join(".");
-    let source = match &e.metadata {
+    let (source, key) = match &e.metadata {
         Some(m) if m.name.contains("environment") => {
+            let key = e.path.join(".");
             let var = if key.is_empty() {
                 String::new()
             } else {
                 format!(" {}{}", ENV_PREFIX, key.replace('.', "__").to_uppercase())
             };
-            format!("environment{var}")
+            (format!("environment{var}"), key)
         }
-        _ => file.to_string(),
+        _ => (file.to_string(), toml_key(&e.path)),
     };
     // figment's own text repeats the key and source; keep just the reason.
     let message = e.kind.to_string();
@@ -482,6 +489,31 @@ fn from_figment(file: &str, e: figment::Error) -> ConfigError {
         key,
         message,
     }
+}
+
+/// A key path as it is written in TOML: `api.listen`, but `""` or `"api.listen"` for a part
+/// that is not a bare key, so an error about an odd key still shows which one.
+fn toml_key(path: &[String]) -> String {
+    let part = |p: &String| {
+        let bare = !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if bare {
+            return p.clone();
+        }
+        let mut quoted = String::from("\"");
+        for c in p.chars() {
+            match c {
+                '"' => quoted.push_str("\\\""),
+                '\\' => quoted.push_str("\\\\"),
+                c if c.is_control() => quoted.push_str(&format!("\\u{:04X}", c as u32)),
+                c => quoted.push(c),
+            }
+        }
+        quoted.push('"');
+        quoted
+    };
+    path.iter().map(part).collect::<Vec<_>>().join(".")
 }
 
 fn parse_listen(s: &str) -> Result<SocketAddr, String> {
@@ -552,6 +584,19 @@ mod tests {
         assert_eq!(e.key, "raft.listen");
         let e = load_str(&format!("{MINIMAL}[api]\nlisten = \"0.0.0.0:8081\"\n")).unwrap_err();
         assert_eq!(e.key, "api.advertise");
+    }
+
+    #[test]
+    fn odd_keys_are_named_as_written() {
+        // A quoted key holding a dot is not the nested key it looks like; an empty key is
+        // still a key.
+        let e = load_str(&format!("{MINIMAL}\"api.listen\" = \"1.2.3.4:5\"\n")).unwrap_err();
+        assert_eq!(e.key, r#""api.listen""#);
+        let e = load_str(&format!("{MINIMAL}\"\" = 1\n")).unwrap_err();
+        assert_eq!(e.key, r#""""#);
+        assert!(e.to_string().contains(r#"key `""`"#), "{e}");
+        let e = load_str(&format!("{MINIMAL}[api]\n\"a\\\"b\\u0001\" = 1\n")).unwrap_err();
+        assert_eq!(e.key, r#"api."a\"b\u0001""#);
     }
 
     #[test]

@@ -22,6 +22,8 @@
 //! - [`backup`]: backup and restore of the message store.
 //! - [`cli`]: the operator's client subcommands (`status`, `members`, `send`, `tail`,
 //!   `backup`, `restore`).
+//! - [`fuzzing`]: entry points for the fuzz targets in `fuzz/`: the decoders of untrusted
+//!   bytes (message bodies, Raft RPC bodies), called as the listeners call them.
 
 pub mod api;
 pub mod backup;
@@ -29,6 +31,7 @@ pub mod chaos;
 pub mod cli;
 pub mod config;
 pub mod fanout;
+pub mod fuzzing;
 pub mod handoff;
 pub mod local_cluster;
 pub mod metrics;

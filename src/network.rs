@@ -345,7 +345,7 @@ struct ChunkHeader {
     done: bool,
 }
 
-fn encode_snapshot_chunk(
+pub(crate) fn encode_snapshot_chunk(
     rpc: InstallSnapshotRequest<TypeConfig>,
 ) -> Result<Bytes, serde_json::Error> {
     let header = serde_json::to_vec(&ChunkHeader {
@@ -362,7 +362,9 @@ fn encode_snapshot_chunk(
     Ok(buf.freeze())
 }
 
-fn decode_snapshot_chunk(mut body: Bytes) -> Result<InstallSnapshotRequest<TypeConfig>, String> {
+pub(crate) fn decode_snapshot_chunk(
+    mut body: Bytes,
+) -> Result<InstallSnapshotRequest<TypeConfig>, String> {
     if body.len() < 4 {
         return Err("snapshot chunk shorter than its length prefix".into());
     }

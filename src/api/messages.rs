@@ -82,16 +82,16 @@ struct PostBody {
 
 /// A validated message before the leader stamps it; also the body a follower forwards.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Validated {
-    msg_id: Uuid,
-    conv_id: String,
-    sender: String,
-    payload: String,
+pub(crate) struct Validated {
+    pub(crate) msg_id: Uuid,
+    pub(crate) conv_id: String,
+    pub(crate) sender: String,
+    pub(crate) payload: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    vector_clock: Option<VectorClock>,
+    pub(crate) vector_clock: Option<VectorClock>,
     /// Whether the client chose the msg_id; a fresh server-made one cannot be stored yet.
     #[serde(skip)]
-    client_msg_id: bool,
+    pub(crate) client_msg_id: bool,
 }
 
 /// Checks a conversation name: 1 to 64 of `[A-Za-z0-9._-]`.
@@ -111,7 +111,12 @@ pub fn check_conv_id(conv: &str) -> Result<(), ApiError> {
     }
 }
 
-fn validate(headers: &HeaderMap, body: &[u8], limits: &Limits) -> Result<Validated, ApiError> {
+/// Decodes and checks a `POST /api/v1/message` body (also the body a follower forwards).
+pub(crate) fn validate(
+    headers: &HeaderMap,
+    body: &[u8],
+    limits: &Limits,
+) -> Result<Validated, ApiError> {
     let content_type = headers
         .get(warp::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())

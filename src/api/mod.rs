@@ -8,7 +8,7 @@ mod admin;
 mod batcher;
 mod cluster;
 mod error;
-mod messages;
+pub(crate) mod messages;
 mod metrics;
 mod overview;
 mod stream;
