@@ -32,6 +32,9 @@ pub struct ServeOptions {
     pub max_header_bytes: usize,
     /// Names the listener in logs.
     pub name: &'static str,
+    /// After `stop`, how long open connections may take to finish their requests before
+    /// they are closed (an event stream to a client that stopped reading never finishes).
+    pub drain: Duration,
 }
 
 /// The address of the client at the other end of the connection, in every request's
@@ -45,8 +48,8 @@ pub fn client_addr() -> impl Filter<Extract = (Option<SocketAddr>,), Error = Inf
 }
 
 /// Serves `service` (a filter made into one with `warp::service`) on `listener` until `stop`
-/// resolves, then stops accepting and waits for the open connections to finish their
-/// requests (the caller bounds that wait).
+/// resolves, then stops accepting, lets the open connections finish their requests for up to
+/// `options.drain`, and closes whatever is still open.
 pub async fn serve<S>(
     listener: TcpListener,
     service: S,
@@ -60,6 +63,8 @@ pub async fn serve<S>(
     S::Future: Send + 'static,
 {
     let graceful = GracefulShutdown::new();
+    // Every connection's task, so that none outlives the listener.
+    let mut connections = tokio::task::JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
@@ -78,6 +83,8 @@ pub async fn serve<S>(
             },
             _ = &mut stop => break,
         };
+        // Reap the tasks of connections that have ended.
+        while connections.try_join_next().is_some() {}
         let _ = tcp.set_nodelay(true);
         let service = service.clone();
         let request_timeout = options.request_timeout;
@@ -106,7 +113,7 @@ pub async fn serve<S>(
         let tls = options.tls.clone();
         let handshake_timeout = options.header_read_timeout;
         let name = options.name;
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let served = match tls {
                 None => {
                     let conn = http.serve_connection(TokioIo::new(tcp), hyper_service);
@@ -136,5 +143,16 @@ pub async fn serve<S>(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(options.drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            listener = options.name,
+            open = connections.len(),
+            "connections still open after {:?}; closing them",
+            options.drain
+        );
+    }
+    connections.shutdown().await;
 }

@@ -138,6 +138,12 @@ pub async fn run(
         );
     }
     let tls = security.tls().clone();
+    if config.tls.raft && !config.tls.api {
+        tracing::warn!(
+            "tls.raft is on but tls.api is off: nodes forward writes, joins and reads to each \
+             other's API with the cluster secret in clear text; turn tls.api on too"
+        );
+    }
     let client = HttpClient::with_tls(tls.client.clone(), config.tls.api)
         .with_cluster_secret(security.cluster_secret());
     let raft = Raft::new(
@@ -170,6 +176,8 @@ pub async fn run(
         request_timeout: Some(config.request_timeout()),
         max_header_bytes: config.api.max_header_bytes,
         name: "api",
+        // A write may wait this long for its commit; streams end at once.
+        drain: config.write_timeout() + Duration::from_secs(5),
     };
     let raft_server = {
         let service = warp::service(network::raft_routes(raft.clone(), security.clone()));
@@ -179,6 +187,8 @@ pub async fn run(
             tls: tls.raft.clone(),
             request_timeout: None,
             name: "raft",
+            // Raft has stopped by then: peers' connections have nothing left to finish.
+            drain: Duration::from_secs(5),
             ..api_options.clone()
         };
         // The Raft listener stops last, after Raft itself: see the end of this function.
@@ -253,9 +263,9 @@ pub async fn run(
     if let Some(j) = joiner {
         j.abort();
     }
-    let grace = config.write_timeout() + Duration::from_secs(5);
-    if tokio::time::timeout(grace, api_server).await.is_err() {
-        tracing::warn!("API connections still open after {grace:?}; closing them");
+    // The listener drains its connections for at most `drain` and then closes the rest.
+    if let Err(e) = api_server.await {
+        tracing::warn!(error = %e, "the API listener's task failed");
     }
     // The API takes no more writes: hand leadership over before Raft stops, so the cluster
     // does not wait out an election timeout (see `handoff`).
@@ -268,7 +278,9 @@ pub async fn run(
     }
     let (raft_handle, raft_stop_tx) = raft_server;
     let _ = raft_stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), raft_handle).await;
+    if let Err(e) = raft_handle.await {
+        tracing::warn!(error = %e, "the Raft listener's task failed");
+    }
     match fatal {
         None => {
             tracing::info!("stopped");

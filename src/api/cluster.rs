@@ -216,13 +216,6 @@ async fn not_ready_reason(state: &AppState) -> Option<String> {
     if m.current_leader.is_none() {
         return Some("no leader is known".into());
     }
-    let applied = m.last_applied.map_or(0, |l| l.index);
-    let committed = state.commit_index();
-    if applied < committed {
-        return Some(format!(
-            "catching up: applied {applied} of {committed} committed"
-        ));
-    }
     let confirmed = match state.leader() {
         Leader::Me => tokio::time::timeout(
             READY_CONFIRM_TIMEOUT,
@@ -243,18 +236,24 @@ async fn not_ready_reason(state: &AppState) -> Option<String> {
     let Some(leader_commit) = confirmed else {
         return Some("the leader did not confirm its commit index".into());
     };
-    let applied = state
-        .raft
-        .metrics()
-        .borrow()
-        .last_applied
-        .map_or(0, |l| l.index);
-    if applied < leader_commit {
-        return Some(format!(
-            "catching up: applied {applied} of {leader_commit} committed on the leader"
-        ));
+    // Under steady writes the applied index trails the commit by a moment: wait for it a
+    // little rather than answer "not ready" for what is only the next apply.
+    let mut applied = state.reader.applied();
+    let caught_up = matches!(
+        tokio::time::timeout(
+            READY_CONFIRM_TIMEOUT,
+            applied.wait_for(|a| *a >= leader_commit)
+        )
+        .await,
+        Ok(Ok(_))
+    );
+    if caught_up {
+        return None;
     }
-    None
+    let now = *applied.borrow();
+    Some(format!(
+        "catching up: applied {now} of {leader_commit} committed on the leader"
+    ))
 }
 
 async fn join(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Status, ApiError> {
@@ -350,11 +349,12 @@ async fn check_new_addresses(
     node: &Node,
 ) -> Result<(), ApiError> {
     let conflict = |message: String| ApiError::new(StatusCode::CONFLICT, "node_conflict", message);
+    let fields = [("raft_addr", &node.raft_addr), ("api_addr", &node.api_addr)];
+    // Resolved all at once, so the membership lock is held for one lookup's time at most.
+    let lookups = futures_util::future::join_all(fields.iter().map(|(_, a)| resolve(a))).await;
     let mut new = Vec::new();
-    for (field, addr) in [("raft_addr", &node.raft_addr), ("api_addr", &node.api_addr)] {
-        let resolved = resolve(addr)
-            .await
-            .map_err(|m| ApiError::invalid_field(field, &m))?;
+    for ((field, addr), resolved) in fields.into_iter().zip(lookups) {
+        let resolved = resolved.map_err(|m| ApiError::invalid_field(field, &m))?;
         if resolved.iter().any(|a| a.ip().is_unspecified()) {
             return Err(ApiError::invalid_field(
                 field,
@@ -383,16 +383,19 @@ async fn check_new_addresses(
             .map(|(id, n)| (*id, n.clone()))
             .collect()
     };
-    for (id, member) in members {
-        for existing in [&member.raft_addr, &member.api_addr] {
-            // A member whose name no longer resolves is compared by its spelling alone.
-            let theirs = resolve(existing).await.unwrap_or_default();
-            for (field, addr, resolved) in &new {
-                if *addr == existing || resolved.iter().any(|a| theirs.contains(a)) {
-                    return Err(conflict(format!(
-                        "{field} {addr} is already used by node {id} (as {existing})"
-                    )));
-                }
+    let existing: Vec<(NodeId, &String)> = members
+        .iter()
+        .flat_map(|(id, m)| [(*id, &m.raft_addr), (*id, &m.api_addr)])
+        .collect();
+    let theirs_all = futures_util::future::join_all(existing.iter().map(|(_, a)| resolve(a))).await;
+    for ((id, existing), theirs) in existing.into_iter().zip(theirs_all) {
+        // A member whose name no longer resolves is compared by its spelling alone.
+        let theirs = theirs.unwrap_or_default();
+        for (field, addr, resolved) in &new {
+            if *addr == existing || resolved.iter().any(|a| theirs.contains(a)) {
+                return Err(conflict(format!(
+                    "{field} {addr} is already used by node {id} (as {existing})"
+                )));
             }
         }
     }
@@ -517,7 +520,13 @@ where
     F: FnOnce(Instant) -> Fut,
     Fut: std::future::Future<Output = Result<Status, ApiError>>,
 {
-    let deadline = Instant::now() + state.write_timeout.max(MIN_JOIN_TIMEOUT);
+    // Within the API's request timeout (a tenth of it left for the answer), so a slow change
+    // ends in this route's 503 "join again", not in the listener's 408.
+    let bound = state
+        .write_timeout
+        .max(MIN_JOIN_TIMEOUT)
+        .min(state.request_timeout.mul_f64(0.9));
+    let deadline = Instant::now() + bound;
     let forwarded = headers.contains_key(FORWARDED_HEADER);
     loop {
         match state.leader() {

@@ -49,6 +49,8 @@ pub struct AppState {
     pub limits: Limits,
     /// The bound on waiting for a leader and a commit.
     pub write_timeout: Duration,
+    /// The listener's bound on one request (`api.request_timeout_ms`).
+    pub request_timeout: Duration,
     pub sse_keepalive: Duration,
     /// Becomes true when the node begins to stop: streams end, waits give up.
     pub shutdown: watch::Receiver<bool>,
@@ -131,6 +133,7 @@ impl AppState {
             client,
             limits: config.limits.clone(),
             write_timeout: config.write_timeout(),
+            request_timeout: config.request_timeout(),
             sse_keepalive: Duration::from_secs(config.api.sse_keepalive_secs),
             shutdown,
             commit_index,

@@ -516,19 +516,6 @@ impl Writer {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(&path)?;
-        let committed = {
-            let mut pending = lock(&self.committed_latest, &path)?;
-            let dirty = std::mem::take(&mut pending.dirty);
-            pending.latest.filter(|_| dirty)
-        };
-        match committed {
-            Some(Some(c)) => put_meta(&tx, &path, KEY_COMMITTED, &c)?,
-            Some(None) => {
-                tx.execute("DELETE FROM meta WHERE key = ?1", [KEY_COMMITTED])
-                    .at(&path)?;
-            }
-            None => {}
-        }
         for command in group.iter_mut() {
             match command {
                 Command::Append { entries, .. } => {
@@ -553,6 +540,7 @@ impl Writer {
                 }
             }
         }
+        write_committed(&self.committed_latest, &path, &tx)?;
         // Durability: with synchronous=FULL this COMMIT fsyncs the WAL before returning.
         tx.commit().at(&path)
     }
@@ -597,4 +585,47 @@ impl Writer {
             }
         }
     }
+}
+
+/// Writes the latest committed log id, if it changed, into `tx` after the group's own
+/// commands, but never past the last entry this transaction leaves in the log: an
+/// entry queued after this group may already count as committed, and a committed id
+/// beyond the log on disk would stop the next start (openraft re-applies up to it). Such
+/// an id stays pending until a later transaction holds its entry.
+fn write_committed(
+    committed: &Mutex<PendingCommitted>,
+    path: &Path,
+    tx: &Transaction<'_>,
+) -> Result<(), StoreError> {
+    let mut pending = lock(committed, path)?;
+    if !pending.dirty {
+        return Ok(());
+    }
+    match pending.latest {
+        Some(Some(c)) => {
+            // The log's last index: its last entry, or where it was purged up to.
+            let last: Option<i64> = tx
+                .query_row("SELECT MAX(idx) FROM log", [], |r| r.get(0))
+                .at(path)?;
+            let purged: Option<LogId> = get_meta(tx, path, KEY_LAST_PURGED)?;
+            let last = last.map(from_sql_index).max(purged.map(|p| p.index));
+            let on_disk = last.is_some_and(|last| c.index <= last);
+            if !on_disk {
+                return Ok(());
+            }
+            put_meta(tx, path, KEY_COMMITTED, &c)?;
+        }
+        Some(None) => {
+            tx.execute("DELETE FROM meta WHERE key = ?1", [KEY_COMMITTED])
+                .at(path)?;
+        }
+        None => return Ok(()),
+    }
+    pending.dirty = false;
+    Ok(())
+}
+
+/// A stored (non-negative) log index.
+fn from_sql_index(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
 }

@@ -862,3 +862,35 @@ async fn a_snapshot_install_empties_the_live_windows() -> TestResult {
     assert_eq!(live, page.bytes);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_committed_id_past_the_log_on_disk_waits_for_its_entry() -> TestResult {
+    let (dir, mut s) = fresh().await?;
+    let vote = Vote::new_committed(1, 1);
+    s.log
+        .blocking_append(vec![
+            membership_entry(1, 1, &[1]),
+            post(1, 2, &msg("c", "two")),
+        ])
+        .await?;
+    // A follower may learn that entry 3 is committed before entry 3 is on its disk.
+    s.log.save_committed(Some(lid(1, 3))).await?;
+    s.log.save_vote(&vote).await?;
+    drop(s);
+    let mut s = open(dir.path()).await?;
+    let committed = s.log.read_committed().await?;
+    assert!(
+        committed.map_or(true, |c| c.index <= 2),
+        "committed {committed:?} is past the last entry on disk"
+    );
+    // Once the entry is there, the id is written with the next transaction.
+    s.log
+        .blocking_append(vec![post(1, 3, &msg("c", "three"))])
+        .await?;
+    s.log.save_committed(Some(lid(1, 3))).await?;
+    s.log.save_vote(&vote).await?;
+    drop(s);
+    let mut s = open(dir.path()).await?;
+    assert_eq!(s.log.read_committed().await?, Some(lid(1, 3)));
+    Ok(())
+}
