@@ -197,6 +197,8 @@ pub fn status(state: &AppState) -> Status {
 
 /// How long `/readyz` waits for the leader to confirm its commit index.
 const READY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one confirmation serves later `/readyz` probes.
+const CONFIRM_REUSE: Duration = Duration::from_millis(500);
 
 /// Why this node should not get traffic yet, or `None` when it is ready: a member, with a
 /// leader that confirms its commit index now (a restarted node may still remember a leader
@@ -216,23 +218,27 @@ async fn not_ready_reason(state: &AppState) -> Option<String> {
     if m.current_leader.is_none() {
         return Some("no leader is known".into());
     }
-    let confirmed = match state.leader() {
-        Leader::Me => tokio::time::timeout(
-            READY_CONFIRM_TIMEOUT,
-            super::messages::leader_read_index(state),
-        )
-        .await
-        .ok()
-        .and_then(Result::ok),
-        Leader::Other(_, Some(addr)) => {
-            let deadline = Instant::now() + READY_CONFIRM_TIMEOUT;
-            super::messages::remote_read_index(state, &addr, deadline)
-                .await
-                .ok()
-                .flatten()
-        }
-        Leader::Other(_, None) | Leader::Unknown => None,
+    // `/readyz` is open to everyone and a leader confirms with a round to a quorum: probes
+    // within CONFIRM_REUSE of a confirmation reuse it, so a flood of probes costs no Raft work.
+    let reused = {
+        let cache = state
+            .ready_confirmed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        cache.filter(|(at, _)| at.elapsed() < CONFIRM_REUSE)
     };
+    let confirmed = match (reused, state.leader()) {
+        (Some((_, index)), _) => Some(index),
+        (None, leader) => confirm_commit(state, leader).await,
+    };
+    if let Some(index) = confirmed {
+        if reused.is_none() {
+            *state
+                .ready_confirmed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = Some((Instant::now(), index));
+        }
+    }
     let Some(leader_commit) = confirmed else {
         return Some("the leader did not confirm its commit index".into());
     };
@@ -254,6 +260,28 @@ async fn not_ready_reason(state: &AppState) -> Option<String> {
     Some(format!(
         "catching up: applied {now} of {leader_commit} committed on the leader"
     ))
+}
+
+/// The leader's commit index, confirmed now: by a quorum round when this node leads, else by
+/// asking the leader.
+async fn confirm_commit(state: &AppState, leader: Leader) -> Option<u64> {
+    match leader {
+        Leader::Me => tokio::time::timeout(
+            READY_CONFIRM_TIMEOUT,
+            super::messages::leader_read_index(state),
+        )
+        .await
+        .ok()
+        .and_then(Result::ok),
+        Leader::Other(_, Some(addr)) => {
+            let deadline = Instant::now() + READY_CONFIRM_TIMEOUT;
+            super::messages::remote_read_index(state, &addr, deadline)
+                .await
+                .ok()
+                .flatten()
+        }
+        Leader::Other(_, None) | Leader::Unknown => None,
+    }
 }
 
 async fn join(state: &AppState, headers: &HeaderMap, body: &[u8]) -> Result<Status, ApiError> {

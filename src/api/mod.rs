@@ -66,6 +66,8 @@ pub struct AppState {
     pub write_rate: security::rate::RateLimiter,
     /// The node's data dir, for the file sizes in `/metrics`.
     pub data_dir: std::path::PathBuf,
+    /// When `/readyz` last had the leader's commit index confirmed, and that index.
+    pub ready_confirmed: std::sync::Mutex<Option<(tokio::time::Instant, u64)>>,
     /// Open event streams, capped per node and per client address.
     pub subscribers: subscribers::SubscriberSlots,
     /// Where this node's own listeners are bound (API, Raft): `/join` refuses a node whose
@@ -145,6 +147,7 @@ impl AppState {
             ),
             data_dir: config.data_dir.clone(),
             listen: [config.api_listen_addr(), config.raft_listen_addr()],
+            ready_confirmed: std::sync::Mutex::new(None),
             subscribers: subscribers::SubscriberSlots::new(
                 config.limits.max_subscribers,
                 config.limits.max_subscribers_per_address,
