@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -86,8 +86,6 @@ pub static WRITE_LATENCY: Histogram = Histogram::new(WRITE_BOUNDS);
 pub static SNAPSHOT_BUILD: Histogram = Histogram::new(SNAPSHOT_BOUNDS);
 /// Time to install a snapshot received from the leader (validate, swap the state, publish).
 pub static SNAPSHOT_INSTALL: Histogram = Histogram::new(SNAPSHOT_BOUNDS);
-/// Open SSE subscriptions on this node.
-pub static SSE_SUBSCRIBERS: AtomicI64 = AtomicI64::new(0);
 
 /// Error answers by their `code`, counted where every error becomes a response.
 static REJECTED: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new());
@@ -121,28 +119,6 @@ pub fn add_conv_bytes(added: impl IntoIterator<Item = (String, u64)>) {
 
 pub fn conv_bytes() -> BTreeMap<String, u64> {
     CONV_BYTES.lock().unwrap_or_else(|p| p.into_inner()).clone()
-}
-
-/// Decrements [`SSE_SUBSCRIBERS`] when the subscription it was made for ends, however it ends.
-pub struct SubscriberGuard(());
-
-impl SubscriberGuard {
-    pub fn new() -> SubscriberGuard {
-        SSE_SUBSCRIBERS.fetch_add(1, Ordering::Relaxed);
-        SubscriberGuard(())
-    }
-}
-
-impl Default for SubscriberGuard {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Drop for SubscriberGuard {
-    fn drop(&mut self) {
-        SSE_SUBSCRIBERS.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 /// A Prometheus text exposition (format 0.0.4) being written.

@@ -5,7 +5,6 @@
 //! machine keeps (see [`crate::metrics`]); file sizes from `stat` at scrape time.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use openraft::ServerState;
@@ -161,7 +160,7 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
         "chatraftd_sse_subscribers",
         "Open event-stream subscriptions on this node.",
         "gauge",
-        metrics::SSE_SUBSCRIBERS.load(Ordering::Relaxed) as f64,
+        state.subscribers.open() as f64,
     );
     out.header(
         "chatraftd_rejected_requests_total",

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::{Stream, StreamExt};
+use futures_util::Stream;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, Sleep};
 use warp::http::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
@@ -29,6 +29,7 @@ use warp::{Filter, Reply};
 
 use super::error::reply_json;
 use super::messages::{check_conv_id, form_pairs, DEFAULT_CONV};
+use super::subscribers::SubscriberSlot;
 use super::{with_state, ApiError, AppState};
 use crate::fanout::{event::KEEP_ALIVE, Next, Subscription};
 use crate::store::{EventPage, MessageReader, StoreError};
@@ -62,10 +63,7 @@ pub fn routes(
                 match slot {
                     Ok((conv_id, from, slot)) => {
                         tracing::debug!(%conv_id, from, "stream subscriber");
-                        // The stream holds its slot until it ends or the client leaves.
-                        let events = EventStream::new(&state, conv_id, from).inspect(move |_| {
-                            let _held = &slot;
-                        });
+                        let events = EventStream::new(&state, conv_id, from, slot);
                         let mut resp = warp::reply::stream(events).into_response();
                         let headers = resp.headers_mut();
                         headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -144,12 +142,13 @@ struct EventStream {
     keep_alive: Duration,
     last_sent: Instant,
     done: bool,
-    /// Counts this subscription in the SSE gauge of `/metrics` for as long as it lives.
-    _subscriber: crate::metrics::SubscriberGuard,
+    /// This stream's place under the subscriber caps, given back when the stream ends or the
+    /// client leaves; the caps' count is also the SSE gauge of `/metrics`.
+    _slot: SubscriberSlot,
 }
 
 impl EventStream {
-    fn new(state: &AppState, conv_id: String, from: u64) -> EventStream {
+    fn new(state: &AppState, conv_id: String, from: u64, slot: SubscriberSlot) -> EventStream {
         let now = Instant::now();
         EventStream {
             sub: state.reader.tail().subscribe(&conv_id),
@@ -163,7 +162,7 @@ impl EventStream {
             last_sent: now,
             // A stream opened while the node stops ends at once.
             done: *state.shutdown.borrow(),
-            _subscriber: crate::metrics::SubscriberGuard::new(),
+            _slot: slot,
         }
     }
 

@@ -41,6 +41,11 @@ impl SubscriberSlots {
         }
     }
 
+    /// The streams open now.
+    pub fn open(&self) -> usize {
+        self.counts.lock().unwrap_or_else(|p| p.into_inner()).total
+    }
+
     /// A place for one more stream from `address`, or 503 when the node or the address is at
     /// its limit (`limits.max_subscribers`, `limits.max_subscribers_per_address`).
     pub fn acquire(&self, address: Option<IpAddr>) -> Result<SubscriberSlot, ApiError> {
