@@ -67,6 +67,13 @@ impl Tls {
             load_certs(Path::new(&config.cert_file)).map_err(|m| key_error("tls.cert_file", m))?;
         let key =
             load_key(Path::new(&config.key_file)).map_err(|m| key_error("tls.key_file", m))?;
+        // The node's key does not belong to its certificate.
+        let misfit = |e: rustls::Error| {
+            key_error(
+                "tls.key_file",
+                format!("{} does not fit {}: {e}", config.key_file, config.cert_file),
+            )
+        };
 
         let raft = if config.raft {
             let verifier =
@@ -77,12 +84,7 @@ impl Tls {
                 .map_err(|m| key_error("tls.raft", m))?
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(certs.clone(), key.clone_key())
-                .map_err(|e| {
-                    key_error(
-                        "tls.key_file",
-                        format!("{} does not fit {}: {e}", config.key_file, config.cert_file),
-                    )
-                })?;
+                .map_err(misfit)?;
             Some(TlsAcceptor::from(Arc::new(server)))
         } else {
             None
@@ -113,12 +115,7 @@ impl Tls {
             .map_err(|e| key_error("tls.raft", e.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(certs, key)
-            .map_err(|e| {
-                key_error(
-                    "tls.key_file",
-                    format!("{} does not fit {}: {e}", config.key_file, config.cert_file),
-                )
-            })?;
+            .map_err(misfit)?;
         Ok(Tls {
             api,
             raft,
