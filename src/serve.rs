@@ -8,15 +8,45 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Empty;
 use hyper::body::Incoming;
+use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
+use warp::reply::Response;
 use warp::Filter;
 
 use crate::api::ApiError;
+
+mod events;
+
+/// What a listener serves: warp's routes made into a service (`warp::service`), for the
+/// requests hyper reads and for the event-stream requests read by [`events`].
+pub trait Routes: Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send + 'static>
+    + Service<Request<Empty<Bytes>>, Response = Response, Error = Infallible, Future: Send + 'static>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T> Routes for T where
+    T: Service<Request<Incoming>, Response = Response, Error = Infallible, Future: Send + 'static>
+        + Service<
+            Request<Empty<Bytes>>,
+            Response = Response,
+            Error = Infallible,
+            Future: Send + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
 
 /// How one listener treats its connections.
 #[derive(Clone)]
@@ -32,6 +62,9 @@ pub struct ServeOptions {
     pub max_header_bytes: usize,
     /// Names the listener in logs.
     pub name: &'static str,
+    /// Connections whose first request is a `GET` on this path are answered without hyper
+    /// (see [`events`]): the client API's event stream.
+    pub event_stream_path: Option<&'static str>,
     /// After `stop`, how long open connections may take to finish their requests before
     /// they are closed (an event stream to a client that stopped reading never finishes).
     pub drain: Duration,
@@ -50,18 +83,12 @@ pub fn client_addr() -> impl Filter<Extract = (Option<SocketAddr>,), Error = Inf
 /// Serves `service` (a filter made into one with `warp::service`) on `listener` until `stop`
 /// resolves, then stops accepting, lets the open connections finish their requests for up to
 /// `options.drain`, and closes whatever is still open.
-pub async fn serve<S>(
+pub async fn serve<S: Routes>(
     listener: TcpListener,
     service: S,
     options: ServeOptions,
     stop: impl Future<Output = ()>,
-) where
-    S: Service<hyper::Request<Incoming>, Response = warp::reply::Response, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
+) {
     let graceful = GracefulShutdown::new();
     // Every connection's task, so that none outlives the listener.
     let mut connections = tokio::task::JoinSet::new();
@@ -86,59 +113,35 @@ pub async fn serve<S>(
         // Reap the tasks of connections that have ended.
         while connections.try_join_next().is_some() {}
         let _ = tcp.set_nodelay(true);
-        let service = service.clone();
-        let request_timeout = options.request_timeout;
-        let hyper_service = hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(ClientAddr(remote));
-            let answer = service.clone().call(req);
-            async move {
-                match request_timeout {
-                    None => answer.await,
-                    Some(limit) => match tokio::time::timeout(limit, answer).await {
-                        Ok(r) => r,
-                        Err(_) => Ok(warp::Reply::into_response(ApiError::new(
-                            hyper::StatusCode::REQUEST_TIMEOUT,
-                            "request_timeout",
-                            format!(
-                                "the request was not read and answered within {} ms",
-                                limit.as_millis()
-                            ),
-                        ))),
-                    },
-                }
-            }
-        });
+        let conn = Connection {
+            service: service.clone(),
+            http: http.clone(),
+            options: options.clone(),
+            remote,
+        };
         let watcher = graceful.watcher();
-        let http = http.clone();
-        let tls = options.tls.clone();
-        let handshake_timeout = options.header_read_timeout;
-        let name = options.name;
         connections.spawn(async move {
-            let served = match tls {
-                None => {
-                    let conn = http.serve_connection(TokioIo::new(tcp), hyper_service);
-                    watcher.watch(conn).await
-                }
+            match conn.options.tls.clone() {
+                None => conn.run(tcp, watcher).await,
                 Some(acceptor) => {
-                    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp))
-                        .await
+                    let stream = match tokio::time::timeout(
+                        conn.options.header_read_timeout,
+                        acceptor.accept(tcp),
+                    )
+                    .await
                     {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
-                            tracing::info!(listener = name, %remote, error = %e, "TLS handshake failed");
+                            tracing::info!(listener = conn.options.name, %remote, error = %e, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
-                            tracing::info!(listener = name, %remote, "TLS handshake timed out");
+                            tracing::info!(listener = conn.options.name, %remote, "TLS handshake timed out");
                             return;
                         }
                     };
-                    let conn = http.serve_connection(TokioIo::new(stream), hyper_service);
-                    watcher.watch(conn).await
+                    conn.run(stream, watcher).await
                 }
-            };
-            if let Err(e) = served {
-                tracing::debug!(listener = name, %remote, error = %e, "connection ended with an error");
             }
         });
     }
@@ -155,4 +158,108 @@ pub async fn serve<S>(
         );
     }
     connections.shutdown().await;
+}
+
+/// One accepted connection and what serving it needs.
+struct Connection<S> {
+    service: S,
+    http: hyper::server::conn::http1::Builder,
+    options: ServeOptions,
+    remote: SocketAddr,
+}
+
+impl<S: Routes> Connection<S> {
+    /// Serves the connection until it closes: its first request decides whether it is an
+    /// event stream (answered by [`events`]) or goes to hyper.
+    async fn run<IO>(self, mut io: IO, watcher: hyper_util::server::graceful::Watcher)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let name = self.options.name;
+        let remote = self.remote;
+        let first = match self.options.event_stream_path {
+            None => events::FirstHead::Other(Bytes::new()),
+            Some(path) => {
+                let head = events::read_first_head(&mut io, path, self.options.max_header_bytes);
+                match tokio::time::timeout(self.options.header_read_timeout, head).await {
+                    Ok(Ok(first)) => first,
+                    Ok(Err(e)) => {
+                        tracing::debug!(listener = name, %remote, error = %e, "reading the first request failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(listener = name, %remote, "no request head within the header timeout");
+                        return;
+                    }
+                }
+            }
+        };
+        // Each way is boxed so that a connection's task holds only the state of the one
+        // it takes: an idle event stream should cost its subscriber as little as possible.
+        let served = match first {
+            events::FirstHead::Closed => return,
+            events::FirstHead::Stream(req) => {
+                let mut req = *req;
+                req.extensions_mut().insert(ClientAddr(remote));
+                let timeout = self.options.request_timeout;
+                Box::pin(events::serve_stream(io, req, self.service, timeout))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            events::FirstHead::Other(prefix) => {
+                Box::pin(self.serve_http(events::Rewind::new(prefix, io), watcher))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        };
+        if let Err(e) = served {
+            tracing::debug!(listener = name, %remote, error = %e, "connection ended with an error");
+        }
+    }
+
+    /// Serves the connection's requests with hyper.
+    async fn serve_http<IO>(
+        self,
+        io: IO,
+        watcher: hyper_util::server::graceful::Watcher,
+    ) -> Result<(), hyper::Error>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Connection {
+            service,
+            http,
+            options,
+            remote,
+        } = self;
+        let request_timeout = options.request_timeout;
+        let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(ClientAddr(remote));
+            let answer = service.clone().call(req);
+            async move {
+                match request_timeout {
+                    None => answer.await,
+                    Some(limit) => match tokio::time::timeout(limit, answer).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(timed_out(limit)),
+                    },
+                }
+            }
+        });
+        watcher
+            .watch(http.serve_connection(TokioIo::new(io), hyper_service))
+            .await
+    }
+}
+
+/// The answer to a request not answered within `api.request_timeout_ms`.
+fn timed_out(limit: Duration) -> Response {
+    warp::Reply::into_response(ApiError::new(
+        hyper::StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!(
+            "the request was not read and answered within {} ms",
+            limit.as_millis()
+        ),
+    ))
 }

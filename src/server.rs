@@ -176,6 +176,7 @@ pub async fn run(
         request_timeout: Some(config.request_timeout()),
         max_header_bytes: config.api.max_header_bytes,
         name: "api",
+        event_stream_path: Some("/api/v1/stream"),
         // A write may wait this long for its commit; streams end at once.
         drain: config.write_timeout() + Duration::from_secs(5),
     };
@@ -187,6 +188,7 @@ pub async fn run(
             tls: tls.raft.clone(),
             request_timeout: None,
             name: "raft",
+            event_stream_path: None,
             // Raft has stopped by then: peers' connections have nothing left to finish.
             drain: Duration::from_secs(5),
             ..api_options.clone()

@@ -205,3 +205,106 @@ async fn event_stream_caps_per_address_and_per_node() {
     )
     .await;
 }
+
+/// Reads from `stream` until what came contains `needle`, within `deadline`.
+async fn read_until_contains(stream: &mut TcpStream, needle: &str, deadline: Duration) -> String {
+    let end = Instant::now() + deadline;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        match tokio::time::timeout_at(end, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            other => panic!(
+                "{needle:?} did not arrive ({other:?}): {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn event_streams_and_other_requests_share_the_listener() {
+    let c = Cluster::start(Options::nodes(1)).await;
+    let addr = c.api(1).to_string();
+
+    // A stream request with a bad parameter: the error shape with its length, and the
+    // connection closes after it.
+    let mut s = connect_from("127.0.0.1", &addr).await;
+    s.write_all(b"GET /api/v1/stream?from=0 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "the connection stayed open: {answer:?}");
+    assert!(
+        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{answer:?}"
+    );
+    let lower = answer.to_ascii_lowercase();
+    assert!(
+        lower.contains("content-type: application/json\r\n"),
+        "{answer:?}"
+    );
+    assert!(lower.contains("connection: close\r\n"), "{answer:?}");
+    let body = answer.split("\r\n\r\n").nth(1).unwrap();
+    assert!(
+        lower.contains(&format!("content-length: {}\r\n", body.len())),
+        "{answer:?}"
+    );
+    assert!(body.contains("\"code\":\"invalid_field\""), "{body}");
+
+    // A stream, its head sent in pieces: chunked events as messages are committed.
+    let mut stream = connect_from("127.0.0.1", &addr).await;
+    for piece in [
+        &b"GET /api/v1/str"[..],
+        b"eam?conv_id=wire HTTP/1.1\r\nHo",
+        b"st: a\r\nAccept: text/event-stream\r\n\r\n",
+    ] {
+        stream.write_all(piece).await.unwrap();
+        stream.flush().await.unwrap();
+    }
+    let head = read_head(&mut stream, Duration::from_secs(10)).await;
+    let lower = head.to_ascii_lowercase();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        lower.contains("content-type: text/event-stream\r\n"),
+        "{head}"
+    );
+    assert!(lower.contains("transfer-encoding: chunked\r\n"), "{head}");
+    assert!(lower.contains("date: "), "{head}");
+    let r = c
+        .post(
+            1,
+            &json!({"conv_id": "wire", "sender": "a", "payload": "over the wire"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.code(), 201, "{}", r.text());
+    let body = read_until_contains(&mut stream, "over the wire", Duration::from_secs(10)).await;
+    // One chunk: its size in hex, then exactly that many bytes holding the event.
+    let (size, rest) = body.split_once("\r\n").unwrap();
+    let size = usize::from_str_radix(size, 16).unwrap_or_else(|_| panic!("{body:?}"));
+    assert!(rest.len() >= size + 2, "{body:?}");
+    let event = &rest[..size];
+    assert!(event.starts_with("event:message\n"), "{event:?}");
+    assert!(event.contains("id:1\n"), "{event:?}");
+    assert_eq!(&rest[size..size + 2], "\r\n", "{body:?}");
+
+    // Other requests, two on one kept-alive connection, and one that starts like a stream
+    // request: all answered as before.
+    let mut other = connect_from("127.0.0.1", &addr).await;
+    other
+        .write_all(
+            b"GET /api/v1/messages?conv_id=wire HTTP/1.1\r\nHost: a\r\n\r\nGET /api/v1/streams HTTP/1.1\r\nHost: a\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let answer = read_until_contains(
+        &mut other,
+        "HTTP/1.1 404 Not Found\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
+    assert!(answer.contains("over the wire"), "{answer:?}");
+}

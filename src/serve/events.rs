@@ -1,0 +1,394 @@
+//! Event streams served without hyper's connection state.
+//!
+//! hyper keeps an 8 KiB read buffer and an 8 KiB write buffer for every connection for as
+//! long as it is open. An event stream is open for hours and reads nothing after its request,
+//! so with thousands of subscribers those buffers were most of a node's memory. A connection
+//! whose first request is `GET` on the event-stream path is therefore answered here: its head
+//! is read into a buffer that is freed once parsed, the request goes through the same routes
+//! (so authentication, parameters and limits are the same), and the response is written
+//! straight to the socket, HTTP/1.1 with chunked transfer encoding, one write per chunk. The
+//! connection closes when the stream ends (`connection: close` says so up front).
+//!
+//! Every other connection is handed to hyper with the bytes read so far put back in front of
+//! the socket ([`Rewind`]), so hyper parses it exactly as if it had read them itself: its own
+//! head-size limit (431), timeouts and errors apply unchanged.
+
+use std::convert::Infallible;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::{BodyExt, Empty};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tower_service::Service;
+use warp::http::{self, header, HeaderName, HeaderValue, Method, Request, Version};
+
+use super::timed_out;
+
+/// The most header lines read on this path; a request with more goes to hyper, which
+/// applies its own limit.
+const MAX_HEADERS: usize = 64;
+/// The first read's buffer: large enough for the usual request head in one read.
+const FIRST_READ: usize = 1024;
+
+/// What the first request on a connection turned out to be.
+pub(super) enum FirstHead {
+    /// `GET` on the event-stream path, parsed; nothing followed its head.
+    Stream(Box<Request<Empty<Bytes>>>),
+    /// Anything else: the bytes read so far, for hyper to parse.
+    Other(Bytes),
+    /// The client closed the connection before sending a byte.
+    Closed,
+}
+
+/// Reads the connection's first request head far enough to tell whether it opens an event
+/// stream on `path`. Stops reading as soon as the bytes cannot be such a request, so any other
+/// request costs only the few bytes that tell them apart. The caller bounds the time it takes.
+pub(super) async fn read_first_head<IO>(
+    io: &mut IO,
+    path: &str,
+    max_head_bytes: usize,
+) -> io::Result<FirstHead>
+where
+    IO: AsyncRead + Unpin,
+{
+    let mut buf = BytesMut::with_capacity(FIRST_READ.min(max_head_bytes.max(1)));
+    loop {
+        if io.read_buf(&mut buf).await? == 0 {
+            return Ok(if buf.is_empty() {
+                FirstHead::Closed
+            } else {
+                FirstHead::Other(buf.freeze())
+            });
+        }
+        match classify(&buf, path) {
+            Classified::NotStream => return Ok(FirstHead::Other(buf.freeze())),
+            Classified::Stream(req) => return Ok(FirstHead::Stream(req)),
+            Classified::Partial if buf.len() >= max_head_bytes => {
+                return Ok(FirstHead::Other(buf.freeze()))
+            }
+            Classified::Partial => {
+                if buf.capacity() == buf.len() {
+                    buf.reserve(buf.len().min(max_head_bytes));
+                }
+            }
+        }
+    }
+}
+
+enum Classified {
+    Stream(Box<Request<Empty<Bytes>>>),
+    NotStream,
+    Partial,
+}
+
+fn classify(buf: &[u8], path: &str) -> Classified {
+    // "GET <path>" followed by a space or a query: decided on the first bytes.
+    let prefix_len = 4 + path.len();
+    let seen = buf.len().min(prefix_len);
+    let matches_prefix = buf[..seen]
+        .iter()
+        .zip(b"GET ".iter().chain(path.as_bytes()))
+        .all(|(a, b)| a == b);
+    if !matches_prefix {
+        return Classified::NotStream;
+    }
+    if let Some(&next) = buf.get(prefix_len) {
+        if next != b' ' && next != b'?' {
+            return Classified::NotStream;
+        }
+    }
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut headers);
+    match parsed.parse(buf) {
+        Ok(httparse::Status::Partial) => Classified::Partial,
+        // Bytes after the head would be a body or a pipelined request: hyper handles those.
+        Ok(httparse::Status::Complete(len)) if len == buf.len() => build_request(&parsed)
+            .map_or(Classified::NotStream, |r| Classified::Stream(Box::new(r))),
+        Ok(httparse::Status::Complete(_)) | Err(_) => Classified::NotStream,
+    }
+}
+
+/// The parsed head as a request for the routes; `None` for anything this path does not
+/// serve (HTTP/1.0, a body, a header hyper would refuse), which then goes to hyper.
+fn build_request(parsed: &httparse::Request<'_, '_>) -> Option<Request<Empty<Bytes>>> {
+    if parsed.version != Some(1) {
+        return None;
+    }
+    let mut req = Request::new(Empty::new());
+    *req.method_mut() = Method::GET;
+    *req.version_mut() = Version::HTTP_11;
+    *req.uri_mut() = parsed.path?.parse().ok()?;
+    let headers = req.headers_mut();
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).ok()?;
+        let value = HeaderValue::from_bytes(h.value).ok()?;
+        headers.append(name, value);
+    }
+    let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0");
+    (!has_body).then_some(req)
+}
+
+/// Answers an event-stream request on `io` and closes the connection when its body ends or
+/// the client goes away.
+pub(super) async fn serve_stream<IO, S>(
+    mut io: IO,
+    req: Request<Empty<Bytes>>,
+    mut service: S,
+    request_timeout: Option<Duration>,
+) -> io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    S: Service<Request<Empty<Bytes>>, Response = warp::reply::Response, Error = Infallible>,
+{
+    let answer = service.call(req);
+    let resp = match request_timeout {
+        None => answer.await,
+        Some(limit) => match tokio::time::timeout(limit, answer).await {
+            Ok(r) => r,
+            Err(_) => Ok(timed_out(limit)),
+        },
+    };
+    let Ok(resp) = resp;
+    let (parts, mut body) = resp.into_parts();
+    let length = hyper::body::Body::size_hint(&body).exact();
+    io.write_all(&response_head(&parts, length)).await?;
+    io.flush().await?;
+
+    // The client sends nothing more on this connection; a read ends only when it closes (or
+    // pipelines bytes, which are dropped: this connection answers one request).
+    let mut scratch = [0u8; 64];
+    loop {
+        let frame = tokio::select! {
+            frame = body.frame() => frame,
+            read = io.read(&mut scratch) => match read {
+                Ok(0) | Err(_) => return Ok(()),
+                Ok(_) => continue,
+            },
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                if data.is_empty() {
+                    continue;
+                }
+                if length.is_some() {
+                    io.write_all(&data).await?;
+                } else {
+                    let size = format!("{:x}\r\n", data.len());
+                    write_parts(&mut io, [size.as_bytes(), &data, b"\r\n"]).await?;
+                }
+                io.flush().await?;
+            }
+            Some(Err(e)) => {
+                // The stream broke: end the response without its last chunk, so the client
+                // sees an incomplete body rather than a clean end.
+                tracing::debug!(error = %e, "an event stream's body failed");
+                return Ok(());
+            }
+            None => {
+                if length.is_none() {
+                    io.write_all(b"0\r\n\r\n").await?;
+                }
+                io.flush().await?;
+                return io.shutdown().await;
+            }
+        }
+    }
+}
+
+/// The response's status line and headers, with what hyper would add: `date`, and
+/// `content-length` or `transfer-encoding: chunked`, and `connection: close`.
+fn response_head(parts: &http::response::Parts, length: Option<u64>) -> Vec<u8> {
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 ");
+    head.extend_from_slice(parts.status.as_str().as_bytes());
+    head.push(b' ');
+    head.extend_from_slice(
+        parts
+            .status
+            .canonical_reason()
+            .unwrap_or("Unknown")
+            .as_bytes(),
+    );
+    head.extend_from_slice(b"\r\n");
+    for (name, value) in parts.headers.iter() {
+        if name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+            || name == header::CONNECTION
+        {
+            continue;
+        }
+        head.extend_from_slice(name.as_str().as_bytes());
+        head.extend_from_slice(b": ");
+        head.extend_from_slice(value.as_bytes());
+        head.extend_from_slice(b"\r\n");
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        let date = chrono::Utc::now().format("%a, %d %b %Y %H:%M:%S GMT");
+        head.extend_from_slice(format!("date: {date}\r\n").as_bytes());
+    }
+    match length {
+        Some(n) => head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        None => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    head.extend_from_slice(b"connection: close\r\n\r\n");
+    head
+}
+
+/// Writes `parts` in one vectored write when the socket takes it all, as it does unless its
+/// send buffer is full.
+async fn write_parts<W: AsyncWrite + Unpin>(w: &mut W, parts: [&[u8]; 3]) -> io::Result<()> {
+    let total: usize = parts.iter().map(|p| p.len()).sum();
+    let mut written = w.write_vectored(&parts.map(IoSlice::new)).await?;
+    if written == 0 && total > 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    // A short write: the rest, one part at a time.
+    for part in parts {
+        if written >= part.len() {
+            written -= part.len();
+            continue;
+        }
+        w.write_all(&part[written..]).await?;
+        written = 0;
+    }
+    Ok(())
+}
+
+/// A connection with bytes already read from it put back in front: reads return `prefix`
+/// first, then the socket's own bytes. Writes go straight to the socket.
+pub(super) struct Rewind<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Rewind<T> {
+    pub(super) fn new(prefix: Bytes, inner: T) -> Rewind<T> {
+        Rewind { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Free the head buffer as soon as it is consumed.
+                self.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH: &str = "/api/v1/stream";
+
+    #[test]
+    fn a_stream_request_is_recognised_with_its_headers() {
+        let head = b"GET /api/v1/stream?conv_id=a HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 7\r\n\r\n";
+        let Classified::Stream(req) = classify(head, PATH) else {
+            panic!("not taken as a stream request");
+        };
+        assert_eq!(req.uri().path(), PATH);
+        assert_eq!(req.uri().query(), Some("conv_id=a"));
+        assert_eq!(req.headers()["last-event-id"], "7");
+    }
+
+    #[test]
+    fn other_requests_are_told_apart_on_their_first_bytes() {
+        assert!(matches!(classify(b"P", PATH), Classified::NotStream));
+        assert!(matches!(
+            classify(b"GET /api/v1/m", PATH),
+            Classified::NotStream
+        ));
+        assert!(matches!(
+            classify(b"GET /api/v1/streams HTTP/1.1\r\n\r\n", PATH),
+            Classified::NotStream
+        ));
+        assert!(matches!(
+            classify(b"GET /api/v1/str", PATH),
+            Classified::Partial
+        ));
+        assert!(matches!(
+            classify(b"GET /api/v1/stream HTTP/1.1\r\nHost:", PATH),
+            Classified::Partial
+        ));
+    }
+
+    #[test]
+    fn what_this_path_does_not_serve_goes_to_hyper() {
+        for head in [
+            &b"GET /api/v1/stream HTTP/1.0\r\n\r\n"[..],
+            b"GET /api/v1/stream HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc",
+            b"GET /api/v1/stream HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n",
+            b"GET /api/v1/stream HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+            b"GET /api/v1/stream HTTP/1.1\r\nbad header\r\n\r\n",
+        ] {
+            assert!(
+                matches!(classify(head, PATH), Classified::NotStream),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn rewind_reads_the_prefix_then_the_socket() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b" world").await.unwrap();
+        drop(a);
+        let mut r = Rewind::new(Bytes::from_static(b"hello"), b);
+        let mut all = String::new();
+        r.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "hello world");
+    }
+}
