@@ -249,7 +249,7 @@ pub fn members(args: NodeArgs) -> ExitCode {
 pub fn send(args: SendArgs) -> ExitCode {
     run_async(async move {
         let client = args.node.client()?;
-        let msg_id = args.msg_id.unwrap_or_else(uuid::Uuid::new_v4);
+        let msg_id = args.msg_id.unwrap_or_else(uuid::Uuid::now_v7);
         let body = serde_json::json!({
             "conv_id": args.conv,
             "sender": args.sender,

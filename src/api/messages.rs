@@ -168,7 +168,9 @@ pub(crate) fn validate(
     }
 
     let (msg_id, client_msg_id) = match parsed.msg_id {
-        None | Some(Value::Null) => (Uuid::new_v4(), false),
+        // Time-ordered (v7): consecutive ids land next to each other in the msg_id index,
+        // where random ones would dirty a different index page for every message.
+        None | Some(Value::Null) => (Uuid::now_v7(), false),
         Some(Value::String(s)) => {
             let id = Uuid::parse_str(&s)
                 .map_err(|_| ApiError::invalid_field("msg_id", "must be a UUID"))?;
@@ -764,6 +766,11 @@ mod tests {
             serde_json::to_string(&v.vector_clock).unwrap(),
             r#"{"b":2,"a":1}"#
         );
+        // A server-made id is time-ordered: the next one sorts after it, in the index too.
+        assert!(!v.client_msg_id);
+        assert_eq!(v.msg_id.get_version_num(), 7);
+        let next = check(r#"{"sender":"alice","payload":"hi"}"#).unwrap();
+        assert!(next.msg_id.to_string() > v.msg_id.to_string());
     }
 
     #[test]
