@@ -813,3 +813,78 @@ async fn stopping_a_node_ends_its_streams() {
     assert!(events.len() <= 50, "{events:?}");
     assert_eq!(end, Some(common::sse::SseEnd::Closed));
 }
+
+/// Writes a follower takes at the same moment go to the leader together; each still gets
+/// its own answer: new ones 201, a repeat of one of them 200 or 201 (whichever came first),
+/// another content under a taken msg_id 409, and a bad one its own 400, while the others in
+/// the same request are stored. Every node then holds each stored message once, in one order.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writes_through_a_follower_each_get_their_own_answer() {
+    let c = Cluster::start(Options::nodes(3)).await;
+    let leader = c.leader().await;
+    let follower = c.others(leader)[0];
+
+    let pair_ids: Vec<String> = (0..20).map(|_| new_msg_id()).collect();
+    let mut bodies = Vec::new();
+    for i in 0..200 {
+        bodies.push((
+            "new",
+            json!({"conv_id": "herd", "sender": "h", "payload": format!("new-{i}")}),
+        ));
+    }
+    for (i, id) in pair_ids.iter().enumerate() {
+        let same =
+            json!({"conv_id": "herd", "sender": "h", "payload": format!("pair-{i}"), "msg_id": id});
+        bodies.push(("same", same.clone()));
+        bodies.push(("same", same));
+    }
+    let clash_ids: Vec<String> = (0..10).map(|_| new_msg_id()).collect();
+    for (i, id) in clash_ids.iter().enumerate() {
+        for side in ["a", "b"] {
+            bodies.push((
+                "clash",
+                json!({"conv_id": "herd", "sender": "h", "payload": format!("clash-{i}-{side}"), "msg_id": id}),
+            ));
+        }
+    }
+    bodies.push((
+        "bad",
+        json!({"conv_id": "herd", "sender": "", "payload": "no sender"}),
+    ));
+
+    let c = &c;
+    let answers = futures_util::future::join_all(bodies.iter().map(|(kind, body)| async move {
+        let r = c.post(follower, body).await.expect("an answer");
+        (*kind, body, r)
+    }))
+    .await;
+
+    let mut codes: BTreeMap<&str, Vec<u16>> = BTreeMap::new();
+    for (kind, body, r) in &answers {
+        codes.entry(kind).or_default().push(r.code());
+        match (*kind, r.code()) {
+            ("new", 201) | ("same", 200 | 201) | ("clash", 201) => {
+                assert_eq!(r.json()["payload"], body["payload"], "{}", r.text());
+            }
+            ("clash", 409) => assert_eq!(r.error_code().as_deref(), Some("msg_id_conflict")),
+            ("bad", 400) => assert_eq!(r.error_code().as_deref(), Some("invalid_field")),
+            (kind, code) => panic!("a {kind} write answered {code}: {}", r.text()),
+        }
+    }
+    let count = |kind: &str, code: u16| codes[kind].iter().filter(|c| **c == code).count();
+    assert_eq!(count("new", 201), 200);
+    assert_eq!(count("same", 201), 20, "{codes:?}");
+    assert_eq!(count("same", 200), 20, "{codes:?}");
+    assert_eq!(count("clash", 201), 10, "{codes:?}");
+    assert_eq!(count("clash", 409), 10, "{codes:?}");
+
+    // 200 + 20 + 10 stored, once each, the same on every node.
+    let ids = c.ids();
+    let stored = c
+        .wait_same_messages(&ids, "herd", 230, Duration::from_secs(10))
+        .await;
+    assert_eq!(stored.len(), 230);
+    assert_dense(&stored);
+    let msg_ids: HashSet<&str> = stored.iter().map(|r| str_of(r, "msg_id")).collect();
+    assert_eq!(msg_ids.len(), 230, "a msg_id stored twice");
+}

@@ -15,9 +15,10 @@ use warp::{Filter, Reply};
 
 use super::batcher::Proposed;
 use super::error::reply_json;
+use super::forwarder::{self, ForwardResponse, ForwardResult, IncomingForward};
 use super::{limited_body, with_state, ApiError, AppState, Leader, FORWARDED_HEADER};
 use crate::config::Limits;
-use crate::types::{NewMessage, NodeId, Record, Response, VectorClock};
+use crate::types::{NewMessage, Record, Response, VectorClock};
 
 pub const DEFAULT_CONV: &str = "general";
 
@@ -49,6 +50,13 @@ pub fn routes(
         .then(|state: Arc<AppState>, headers: HeaderMap| async move {
             reply_json(conversations(&state, &headers).await)
         });
+    let forwarded = warp::path!("api" / "v1" / "internal" / "forward")
+        .and(warp::post())
+        .and(with_state(state.clone()))
+        .and(warp::header::headers_cloned())
+        .and(crate::serve::client_addr())
+        .and(limited_body(forwarder::body_limit(max_body)))
+        .then(post_forwarded);
     let read_index = warp::path!("api" / "v1" / "internal" / "read-index")
         .and(warp::get())
         .and(with_state(state))
@@ -59,7 +67,9 @@ pub fn routes(
                     .map(|index| (StatusCode::OK, serde_json::json!({ "index": index }))),
             )
         });
-    post.or(history)
+    post.or(forwarded)
+        .unify()
+        .or(history)
         .unify()
         .or(conversations)
         .unify()
@@ -117,18 +127,30 @@ pub(crate) fn validate(
     body: &[u8],
     limits: &Limits,
 ) -> Result<Validated, ApiError> {
+    validate_content_type(headers)?;
+    validate_json(body, limits)
+}
+
+/// 415 unless the body is declared as JSON.
+fn validate_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let content_type = headers
         .get(warp::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim();
-    if !mime.eq_ignore_ascii_case("application/json") {
-        return Err(ApiError::new(
+    if mime.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",
             "send the message as Content-Type: application/json",
-        ));
+        ))
     }
+}
+
+/// Decodes and checks a message body whose content type is already known to be JSON.
+pub(crate) fn validate_json(body: &[u8], limits: &Limits) -> Result<Validated, ApiError> {
     let parsed: PostBody = serde_json::from_slice(body).map_err(ApiError::from_json)?;
 
     let conv_id = match parsed.conv_id {
@@ -274,17 +296,71 @@ async fn post_message(
     }
 }
 
+/// `POST /api/v1/internal/forward`: the writes a follower took, together (see
+/// [`forwarder`]). Each message is checked and written exactly as its own
+/// `POST /api/v1/message` would be, all at once, and answered in the request's order.
+async fn post_forwarded(
+    state: Arc<AppState>,
+    headers: HeaderMap,
+    remote: Option<std::net::SocketAddr>,
+    body: Bytes,
+) -> warp::reply::Response {
+    let request = validate_content_type(&headers)
+        .and_then(|()| {
+            serde_json::from_slice::<IncomingForward>(&body).map_err(ApiError::from_json)
+        })
+        .and_then(|req| Ok((req, state.security.access(&headers, None)?)));
+    let (request, access) = match request {
+        Ok(r) => r,
+        Err(e) => return reply_json::<()>(Err(e)),
+    };
+    // As for a single write: a peer holding the cluster secret is not rate-limited (the node
+    // the client reached counted the write), anyone else is, message by message.
+    let limited = remote.filter(|_| !state.security.is_secret_holder(&headers));
+    let writes = request.messages.into_iter().map(|m| {
+        let state = &state;
+        let access = &access;
+        async move {
+            if let Some(addr) = limited {
+                if let Err(secs) = state.write_rate.check(addr.ip()) {
+                    return Err(ApiError {
+                        retry_after: Some(secs),
+                        ..ApiError::new(
+                            StatusCode::TOO_MANY_REQUESTS,
+                            "rate_limited",
+                            "too many writes from this address (limits.write_rate_per_sec)",
+                        )
+                    });
+                }
+            }
+            let mut msg = validate_json(m.message.get().as_bytes(), &state.limits)?;
+            access.check_write(&msg.conv_id, &msg.sender)?;
+            msg.client_msg_id = !m.server_msg_id;
+            let started = Instant::now();
+            let result = write(state, msg, true).await;
+            crate::metrics::WRITE_LATENCY.observe(started.elapsed());
+            result
+        }
+    });
+    let results = futures_util::future::join_all(writes)
+        .await
+        .into_iter()
+        .map(ForwardResult::from_outcome)
+        .collect();
+    reply_json(Ok((StatusCode::OK, ForwardResponse { results })))
+}
+
 /// A write's answer carries the Raft log index that made its record visible, so that a
 /// follower that forwarded it can wait until it has applied that far itself.
 const LOG_INDEX_HEADER: &str = "x-chatraftd-log-index";
 
 /// A stored (or found) record.
-struct Written {
+pub(crate) struct Written {
     /// Whether this request stored it (201) or found it stored before (200).
-    created: bool,
-    record: Record,
+    pub(crate) created: bool,
+    pub(crate) record: Record,
     /// A Raft log index at or after the entry holding the record.
-    log_index: u64,
+    pub(crate) log_index: u64,
 }
 
 /// Stores `msg` through the leader and returns the record once it is applied on this node.
@@ -315,8 +391,15 @@ async fn write(state: &AppState, msg: Validated, forwarded: bool) -> Result<Writ
         let leader = Leader::from_metrics(&metrics.borrow_and_update(), state.node_id);
         let outcome = match leader {
             Leader::Me => propose(state, &msg, deadline).await,
-            Leader::Other(leader, Some(addr)) if !forwarded => {
-                forward(state, &msg, leader, &addr, deadline).await
+            Leader::Other(_, Some(addr)) if !forwarded => {
+                match tokio::time::timeout_at(deadline, state.forwarder.forward(&msg, &addr)).await
+                {
+                    Ok(attempt) => attempt,
+                    Err(_) => Attempt::Fail(ApiError::unavailable(format!(
+                        "the leader did not answer the write within {} ms (api.write_timeout_ms); retry with the same msg_id",
+                        state.write_timeout.as_millis()
+                    ))),
+                }
             }
             Leader::Other(leader, Some(_)) => {
                 return Err(ApiError {
@@ -355,7 +438,7 @@ async fn write(state: &AppState, msg: Validated, forwarded: bool) -> Result<Writ
     }
 }
 
-enum Attempt {
+pub(crate) enum Attempt {
     Done(Written),
     Fail(ApiError),
     Retry,
@@ -419,84 +502,6 @@ async fn propose(state: &AppState, msg: &Validated, deadline: Instant) -> Attemp
         ))),
         Ok(Proposed::NotLeader) => Attempt::Retry,
         Ok(Proposed::Failed(e)) => Attempt::Fail(ApiError::unavailable(format!("the write failed: {e}"))),
-    }
-}
-
-/// Forwards to the leader's API; the leader answers once the record is applied there.
-async fn forward(
-    state: &AppState,
-    msg: &Validated,
-    leader: NodeId,
-    addr: &str,
-    deadline: Instant,
-) -> Attempt {
-    let body = match serde_json::to_vec(msg) {
-        Ok(b) => Bytes::from(b),
-        Err(e) => return Attempt::Fail(ApiError::internal(e.to_string())),
-    };
-    let left = deadline.saturating_duration_since(Instant::now());
-    let resp = state
-        .client
-        .request(
-            hyper::Method::POST,
-            addr,
-            "/api/v1/message",
-            &[
-                ("content-type", "application/json"),
-                (FORWARDED_HEADER, "1"),
-            ],
-            body,
-            left,
-        )
-        .await;
-    let resp = match resp {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::debug!(leader, error = %e, "forwarding a write failed; will retry");
-            return Attempt::Retry;
-        }
-    };
-    match resp.status {
-        StatusCode::CREATED | StatusCode::OK => {
-            let log_index = resp
-                .headers
-                .get(LOG_INDEX_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            match (serde_json::from_slice::<Record>(&resp.body), log_index) {
-                (Ok(record), Some(log_index)) => Attempt::Done(Written {
-                    created: resp.status == StatusCode::CREATED,
-                    record,
-                    log_index,
-                }),
-                (Err(e), _) => Attempt::Fail(ApiError::internal(format!(
-                    "the leader's answer was not a record: {e}"
-                ))),
-                (_, None) => Attempt::Fail(ApiError::internal(format!(
-                    "the leader's answer has no {LOG_INDEX_HEADER} header"
-                ))),
-            }
-        }
-        StatusCode::SERVICE_UNAVAILABLE => Attempt::Retry,
-        StatusCode::CONFLICT => match serde_json::from_slice::<Value>(&resp.body) {
-            Ok(v) => Attempt::Fail(ApiError::new(
-                StatusCode::CONFLICT,
-                "msg_id_conflict",
-                v["error"]["message"]
-                    .as_str()
-                    .unwrap_or("msg_id is already stored with other content")
-                    .to_string(),
-            )),
-            Err(_) => Attempt::Fail(ApiError::new(
-                StatusCode::CONFLICT,
-                "msg_id_conflict",
-                "msg_id is already stored with other content",
-            )),
-        },
-        other => Attempt::Fail(ApiError::internal(format!(
-            "the leader answered {other}: {}",
-            String::from_utf8_lossy(&resp.body)
-        ))),
     }
 }
 

@@ -8,6 +8,7 @@ mod admin;
 mod batcher;
 mod cluster;
 mod error;
+mod forwarder;
 pub(crate) mod messages;
 mod metrics;
 mod overview;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub membership_lock: tokio::sync::Mutex<()>,
     /// Groups concurrent writes into one log entry when this node leads.
     pub batcher: batcher::Batcher,
+    /// Sends the writes this node takes to the leader together when it follows.
+    pub(crate) forwarder: forwarder::Forwarder,
     /// The cluster secret and client tokens.
     pub security: Arc<Security>,
     /// The per-address write rate (`limits.write_rate_per_sec`, `limits.write_burst`).
@@ -130,6 +133,7 @@ impl AppState {
         AppState {
             node_id: config.node_id,
             batcher: batcher::Batcher::start(raft.clone()),
+            forwarder: forwarder::Forwarder::start(client.clone(), config.write_timeout()),
             raft,
             reader,
             client,
