@@ -11,9 +11,11 @@
 //! fsync runs, the next batch queues up, so a busy leader pays one fsync for many entries.
 //!
 //! `append` returns as soon as its entries are queued, as openraft's storage API allows; the
-//! flush callback fires after the commit. Until then the entries sit in `unflushed`, which
-//! reads overlay on the database, so replication can send an entry before it is on the
-//! leader's disk (the leader counts its own copy toward a quorum only once flushed).
+//! flush callback fires after the commit. Every entry also goes into [`RecentEntries`], which
+//! reads overlay on the database: an entry not yet on disk is served from there (the leader
+//! counts its own copy toward a quorum only once flushed), and so are the newest entries
+//! after their flush, which is what replication reads right after it: a follower that keeps up
+//! is sent entries without a database read or a JSON decode.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -33,7 +35,7 @@ use super::{
     blocking, ensure_schema, lock, open_live, put_json, to_sql, Access, KvTable, SqlContext,
     StoreError,
 };
-use crate::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
+use crate::types::{Entry, LogId, NewMessage, NodeId, Request, StorageError, TypeConfig};
 
 const SCHEMA: &str = "
     CREATE TABLE log (
@@ -63,9 +65,8 @@ struct LogShared {
     writer: Mutex<mpsc::Sender<Command>>,
     /// Joined on drop, so the last handle going away means every queued write is done.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// Entries appended but not yet committed to disk, by index. Reads overlay them on the
-    /// database; the writer removes each one after its commit.
-    unflushed: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    /// The newest entries, on disk or not yet; reads overlay them on the database.
+    recent: Arc<Mutex<RecentEntries>>,
     /// A second connection for log reads (replication streams), so that they never queue
     /// behind an append's fsync. WAL gives it every transaction committed before the read starts.
     reader: Mutex<Connection>,
@@ -93,14 +94,14 @@ impl LogStore {
         let reader = open_live(path, Access::ReadOnly)?;
         let committed: Option<LogId> = get_meta(&reader, path, KEY_COMMITTED)?;
         let committed = Arc::new(AtomicU64::new(committed.map_or(0, |c| c.index)));
-        let unflushed = Arc::new(Mutex::new(BTreeMap::new()));
+        let recent = Arc::new(Mutex::new(RecentEntries::default()));
         let committed_latest = Arc::new(Mutex::new(PendingCommitted::default()));
         let (tx, rx) = mpsc::channel();
         let thread = Writer {
             conn: writer,
             path: path.to_path_buf(),
             rx,
-            unflushed: unflushed.clone(),
+            recent: recent.clone(),
             committed_latest: committed_latest.clone(),
             failed: None,
         };
@@ -113,7 +114,7 @@ impl LogStore {
                 path: path.to_path_buf(),
                 writer: Mutex::new(tx),
                 thread: Mutex::new(Some(handle)),
-                unflushed,
+                recent,
                 reader: Mutex::new(reader),
                 committed,
                 committed_latest,
@@ -248,17 +249,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let Some((start, end)) = sql_bounds(&range) else {
             return Ok(Vec::new());
         };
-        // Entries not yet on disk are served from memory. Only ask the database for what lies
-        // before the first of them: everything after it is unflushed too.
+        // The newest entries are served from memory (all of those not yet on disk are among
+        // them). Only ask the database for what lies before the first one held.
         let (pending, db_end) = {
-            let unflushed = lock(&self.inner.unflushed, &self.inner.path)
+            let recent = lock(&self.inner.recent, &self.inner.path)
                 .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Read))?;
-            let pending: Vec<Entry> = unflushed
-                .range(start as u64..=end as u64)
-                .map(|(_, e)| e.clone())
-                .collect();
-            let db_end = match pending.first() {
-                Some(first) => (first.log_id.index as i64 - 1).min(end),
+            let pending = recent.range(start as u64, end as u64);
+            let db_end = match recent.first_index() {
+                Some(first) => (first as i64 - 1).min(end),
                 None => end,
             };
             (pending, db_end)
@@ -292,10 +290,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_unflushed = lock(&self.inner.unflushed, &self.inner.path)
+        let last_unflushed = lock(&self.inner.recent, &self.inner.path)
             .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Read))?
-            .last_key_value()
-            .map(|(_, e)| e.log_id);
+            .last_log_id();
         let state = self
             .read(ErrorSubject::Logs, |conn, path| {
                 let last_purged_log_id: Option<LogId> = get_meta(conn, path, KEY_LAST_PURGED)?;
@@ -389,9 +386,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let fail = |e: StoreError| e.into_storage(ErrorSubject::Logs, ErrorVerb::Write);
         {
-            let mut unflushed = lock(&self.inner.unflushed, &self.inner.path).map_err(fail)?;
+            let mut recent = lock(&self.inner.recent, &self.inner.path).map_err(fail)?;
             for e in &entries {
-                unflushed.insert(e.log_id.index, e.clone());
+                recent.insert(e.clone());
             }
         }
         self.send(Command::Append { entries, callback })
@@ -402,9 +399,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Queued appends of these indexes still reach the database, but the DELETE below runs
         // after them in the same order; readers stop seeing them now.
-        lock(&self.inner.unflushed, &self.inner.path)
+        lock(&self.inner.recent, &self.inner.path)
             .map_err(|e| e.into_storage(ErrorSubject::Log(log_id), ErrorVerb::Write))?
-            .split_off(&log_id.index);
+            .truncate_from(log_id.index);
         self.write(ErrorSubject::Log(log_id), move |tx, path| {
             tx.execute(
                 "DELETE FROM log WHERE idx >= ?1",
@@ -419,6 +416,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// Deletes everything up to `log_id.index` and records `last_purged` in the same
     /// transaction, so that `get_log_state` never sees the entries gone without the pointer.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Only entries behind a snapshot are purged: long on disk, never pending.
+        lock(&self.inner.recent, &self.inner.path)
+            .map_err(|e| e.into_storage(ErrorSubject::Log(log_id), ErrorVerb::Write))?
+            .purge_upto(log_id.index);
         self.write(ErrorSubject::Log(log_id), move |tx, path| {
             let prev: Option<LogId> = get_meta(tx, path, KEY_LAST_PURGED)?;
             if prev.is_some_and(|p| p >= log_id) {
@@ -452,6 +453,130 @@ impl Drop for LogShared {
     }
 }
 
+/// How many entries already on disk [`RecentEntries`] keeps, at most...
+const RECENT_ENTRIES: usize = 1024;
+/// ...and about how many bytes of them.
+const RECENT_BYTES: usize = 32 << 20;
+
+/// The newest entries of the log, in memory: every entry appended and not yet on disk, and
+/// after their flush the newest ones up to [`RECENT_ENTRIES`] and [`RECENT_BYTES`]. When not
+/// empty they are the log's last entries, with no gap: appends add at the end, a truncate cuts
+/// the end, and only the oldest entries already on disk are dropped.
+#[derive(Default)]
+struct RecentEntries {
+    entries: BTreeMap<u64, Recent>,
+    /// How many of `entries` are on disk, and their estimated size.
+    on_disk: usize,
+    on_disk_bytes: usize,
+}
+
+struct Recent {
+    entry: Entry,
+    on_disk: bool,
+    /// About how many bytes the entry holds.
+    size: usize,
+}
+
+impl RecentEntries {
+    fn insert(&mut self, entry: Entry) {
+        let index = entry.log_id.index;
+        let size = entry_size(&entry);
+        if let Some(old) = self.entries.insert(
+            index,
+            Recent {
+                entry,
+                on_disk: false,
+                size,
+            },
+        ) {
+            self.forget(&old);
+        }
+    }
+
+    /// The entry with `log_id` is on disk (a truncate may have replaced its index since).
+    fn on_disk(&mut self, log_id: &LogId) {
+        if let Some(r) = self.entries.get_mut(&log_id.index) {
+            if r.entry.log_id == *log_id && !r.on_disk {
+                r.on_disk = true;
+                self.on_disk += 1;
+                self.on_disk_bytes += r.size;
+            }
+        }
+    }
+
+    /// Drops the oldest entries on disk beyond the bounds; never one that is not on disk.
+    fn evict(&mut self) {
+        while self.on_disk > RECENT_ENTRIES || self.on_disk_bytes > RECENT_BYTES {
+            match self.entries.first_entry() {
+                Some(first) if first.get().on_disk => {
+                    let r = first.remove();
+                    self.forget(&r);
+                }
+                _ => break,
+            }
+        }
+    }
+
+    fn truncate_from(&mut self, index: u64) {
+        for r in self.entries.split_off(&index).into_values() {
+            self.forget(&r);
+        }
+    }
+
+    fn purge_upto(&mut self, index: u64) {
+        let kept = self.entries.split_off(&index.saturating_add(1));
+        for r in std::mem::replace(&mut self.entries, kept).into_values() {
+            self.forget(&r);
+        }
+    }
+
+    fn forget(&mut self, r: &Recent) {
+        if r.on_disk {
+            self.on_disk -= 1;
+            self.on_disk_bytes -= r.size;
+        }
+    }
+
+    fn first_index(&self) -> Option<u64> {
+        self.entries.first_key_value().map(|(i, _)| *i)
+    }
+
+    fn last_log_id(&self) -> Option<LogId> {
+        self.entries.last_key_value().map(|(_, r)| r.entry.log_id)
+    }
+
+    fn range(&self, start: u64, end: u64) -> Vec<Entry> {
+        if start > end {
+            return Vec::new();
+        }
+        self.entries
+            .range(start..=end)
+            .map(|(_, r)| r.entry.clone())
+            .collect()
+    }
+}
+
+/// About how many bytes an entry holds in memory.
+fn entry_size(entry: &Entry) -> usize {
+    const OVERHEAD: usize = 128;
+    match &entry.payload {
+        openraft::EntryPayload::Normal(Request::Post(m)) => OVERHEAD + message_size(m),
+        openraft::EntryPayload::Normal(Request::Batch(ms)) => {
+            OVERHEAD + ms.iter().map(message_size).sum::<usize>()
+        }
+        _ => OVERHEAD,
+    }
+}
+
+fn message_size(m: &NewMessage) -> usize {
+    96 + m.conv_id.len()
+        + m.sender.len()
+        + m.payload.len()
+        + m.vector_clock
+            .as_ref()
+            .map_or(0, |vc| vc.0.iter().map(|(k, _)| k.len() + 32).sum())
+}
+
 /// A unit of work for the writer thread.
 enum Command {
     /// Entries to insert; `callback` fires once they are on disk.
@@ -478,7 +603,7 @@ struct Writer {
     conn: Connection,
     path: PathBuf,
     rx: mpsc::Receiver<Command>,
-    unflushed: Arc<Mutex<BTreeMap<u64, Entry>>>,
+    recent: Arc<Mutex<RecentEntries>>,
     /// The committed log id to write with the next transaction, when dirty.
     committed_latest: Arc<Mutex<PendingCommitted>>,
     /// Set by the first failed commit: nothing is written after it, every later command fails
@@ -545,23 +670,18 @@ impl Writer {
         tx.commit().at(&path)
     }
 
-    /// Reports the group's outcome: flush callbacks, waiting writers, and the unflushed map.
+    /// Reports the group's outcome: flush callbacks, waiting writers, and the recent entries.
     fn finish(&self, group: Vec<Command>, result: Result<(), StoreError>) {
         if result.is_ok() {
-            if let Ok(mut unflushed) = self.unflushed.lock() {
+            if let Ok(mut recent) = self.recent.lock() {
                 for command in &group {
                     if let Command::Append { entries, .. } = command {
                         for e in entries {
-                            // A truncate may have replaced this index with a newer entry since.
-                            if unflushed
-                                .get(&e.log_id.index)
-                                .is_some_and(|u| u.log_id == e.log_id)
-                            {
-                                unflushed.remove(&e.log_id.index);
-                            }
+                            recent.on_disk(&e.log_id);
                         }
                     }
                 }
+                recent.evict();
             }
         } else if let Err(e) = &result {
             tracing::error!(error = %e, path = %self.path.display(), "the Raft log could not be written");
@@ -628,4 +748,76 @@ fn write_committed(
 /// A stored (non-negative) log index.
 fn from_sql_index(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod recent_tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(term: u64, index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(r: &RecentEntries) -> Vec<u64> {
+        r.entries.keys().copied().collect()
+    }
+
+    #[test]
+    fn only_entries_on_disk_are_dropped_oldest_first() {
+        let mut r = RecentEntries::default();
+        let n = RECENT_ENTRIES as u64 + 10;
+        for i in 1..=n {
+            r.insert(entry(1, i));
+        }
+        // Nothing is on disk yet: everything stays, however many.
+        r.evict();
+        assert_eq!(r.entries.len(), n as usize);
+        // The first half reaches the disk: the oldest of them go, down to the bound, and
+        // none of those still pending.
+        for i in 1..=n / 2 {
+            r.on_disk(&entry(1, i).log_id);
+        }
+        r.evict();
+        assert_eq!(r.first_index(), Some(1));
+        for i in n / 2 + 1..=n {
+            r.on_disk(&entry(1, i).log_id);
+        }
+        r.evict();
+        assert_eq!(r.entries.len(), RECENT_ENTRIES);
+        assert_eq!(r.first_index(), Some(11));
+        assert_eq!(r.last_log_id(), Some(entry(1, n).log_id));
+        assert_eq!(r.on_disk, RECENT_ENTRIES);
+    }
+
+    #[test]
+    fn truncate_and_purge_keep_a_gapless_tail() {
+        let mut r = RecentEntries::default();
+        for i in 1..=10 {
+            r.insert(entry(1, i));
+        }
+        for i in 1..=6 {
+            r.on_disk(&entry(1, i).log_id);
+        }
+        r.truncate_from(8);
+        assert_eq!(indexes(&r), (1..=7).collect::<Vec<_>>());
+        // A newer entry at a truncated index; the old one's flush report does not count.
+        r.insert(entry(2, 8));
+        r.on_disk(&entry(1, 8).log_id);
+        assert!(!r.entries[&8].on_disk);
+        r.on_disk(&entry(2, 8).log_id);
+        assert!(r.entries[&8].on_disk);
+        r.purge_upto(3);
+        assert_eq!(indexes(&r), (4..=8).collect::<Vec<_>>());
+        assert_eq!(r.on_disk, 4, "4, 5, 6 and the new 8 are on disk");
+        assert_eq!(
+            r.range(7, 100).iter().map(|e| e.log_id).collect::<Vec<_>>(),
+            vec![entry(1, 7).log_id, entry(2, 8).log_id]
+        );
+        assert!(r.range(9, 8).is_empty());
+    }
 }
