@@ -90,6 +90,7 @@ pub async fn serve<S: Routes>(
     stop: impl Future<Output = ()>,
 ) {
     let graceful = GracefulShutdown::new();
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
     // Every connection's task, so that none outlives the listener.
     let mut connections = tokio::task::JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -118,6 +119,7 @@ pub async fn serve<S: Routes>(
             http: http.clone(),
             options: options.clone(),
             remote,
+            stopping: stopping_rx.clone(),
         };
         let watcher = graceful.watcher();
         connections.spawn(async move {
@@ -146,6 +148,7 @@ pub async fn serve<S: Routes>(
         });
     }
     drop(listener);
+    let _ = stopping_tx.send(true);
     if tokio::time::timeout(options.drain, graceful.shutdown())
         .await
         .is_err()
@@ -166,6 +169,8 @@ struct Connection<S> {
     http: hyper::server::conn::http1::Builder,
     options: ServeOptions,
     remote: SocketAddr,
+    /// Becomes true when the listener stops.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl<S: Routes> Connection<S> {
@@ -181,7 +186,15 @@ impl<S: Routes> Connection<S> {
             None => events::FirstHead::Other(Bytes::new()),
             Some(path) => {
                 let head = events::read_first_head(&mut io, path, self.options.max_header_bytes);
-                match tokio::time::timeout(self.options.header_read_timeout, head).await {
+                let head = tokio::time::timeout(self.options.header_read_timeout, head);
+                // A connection still waiting for its first request is closed at once on stop,
+                // as hyper closes an idle one.
+                let mut stopping = self.stopping.clone();
+                let read = tokio::select! {
+                    read = head => read,
+                    _ = stopping.wait_for(|s| *s) => return,
+                };
+                match read {
                     Ok(Ok(first)) => first,
                     Ok(Err(e)) => {
                         tracing::debug!(listener = name, %remote, error = %e, "reading the first request failed");
@@ -231,6 +244,7 @@ impl<S: Routes> Connection<S> {
             http,
             options,
             remote,
+            ..
         } = self;
         let request_timeout = options.request_timeout;
         let hyper_service = hyper::service::service_fn(move |mut req: Request<Incoming>| {

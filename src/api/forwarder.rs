@@ -12,23 +12,28 @@
 //! connection broke) makes each of its messages retry through the caller's usual loop, with
 //! the same `msg_id`, so a message the leader did store is found again, not stored twice.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::time::Instant;
 use warp::http::StatusCode;
 
-use super::messages::{Attempt, Validated, Written};
+use super::messages::{Attempt, Validated, Written, LOG_INDEX_HEADER};
 use super::{ApiError, FORWARDED_HEADER};
 use crate::network::HttpClient;
 use crate::types::Record;
 
 /// The path of the leader's route.
 pub(crate) const FORWARD_PATH: &str = "/api/v1/internal/forward";
-/// The most messages in one request (the leader proposes up to 256 per Raft entry).
-const MAX_MESSAGES: usize = 256;
+/// The most messages in one request (the leader proposes up to 256 per Raft entry, and
+/// refuses a request with more).
+pub(crate) const MAX_MESSAGES: usize = 256;
 /// About the most bytes in one request body (one larger message still goes alone).
 const MAX_BYTES: usize = 1 << 20;
 
@@ -75,6 +80,9 @@ pub(crate) struct ForwardResult {
     pub(crate) log_index: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) error: Option<ForwardError>,
+    /// Seconds for `Retry-After`, when the answer had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) retry_after: Option<u64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -91,6 +99,7 @@ impl ForwardResult {
                 record: Some(w.record),
                 log_index: Some(w.log_index),
                 error: None,
+                retry_after: None,
             },
             Err(e) => ForwardResult {
                 status: e.status.as_u16(),
@@ -100,6 +109,7 @@ impl ForwardResult {
                     code: e.code.to_string(),
                     message: e.message,
                 }),
+                retry_after: e.retry_after,
             },
         }
     }
@@ -125,7 +135,10 @@ impl ForwardResult {
                     || (String::new(), format!("the leader answered {status}")),
                     |e| (e.code, e.message),
                 );
-                Attempt::Fail(ApiError::new(status, known_code(&code), message))
+                Attempt::Fail(ApiError {
+                    retry_after: self.retry_after,
+                    ..ApiError::new(status, known_code(&code), message)
+                })
             }
         }
     }
@@ -151,107 +164,167 @@ fn known_code(code: &str) -> &'static str {
         .unwrap_or("internal")
 }
 
+/// The most forwarded writes waiting for a request to the leader, over all leaders; more get
+/// `503` at once instead of a queue that grows while the leader is slow or gone.
+const MAX_QUEUED: usize = 16 * 1024;
+
 struct Pending {
-    /// The message as one element of [`IncomingForward::messages`], serialised by the caller.
-    json: Vec<u8>,
-    addr: String,
+    /// The message as a `POST /api/v1/message` body, with its `msg_id`.
+    message: Vec<u8>,
+    server_msg_id: bool,
+    /// When the caller stops waiting: the request is bounded by the latest of its messages'.
+    deadline: Instant,
     reply: oneshot::Sender<Attempt>,
 }
 
-/// A handle to the forwarding task; cloning shares it.
+/// A handle to the forwarding lanes; cloning shares them.
 #[derive(Clone)]
 pub(crate) struct Forwarder {
-    tx: mpsc::UnboundedSender<Pending>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    client: HttpClient,
+    /// One lane (a queue and its task) per leader address, so that requests hanging on a
+    /// leader that is gone never hold back the writes for the next one.
+    lanes: Mutex<HashMap<String, mpsc::UnboundedSender<Pending>>>,
+    /// Writes queued in any lane and not yet taken into a request.
+    queued: AtomicUsize,
 }
 
 impl Forwarder {
-    /// Starts the forwarding task; it ends when the last handle is dropped. `timeout` bounds
-    /// one request to the leader.
-    pub(crate) fn start(client: HttpClient, timeout: Duration) -> Forwarder {
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(client, timeout, rx));
-        Forwarder { tx }
+    pub(crate) fn new(client: HttpClient) -> Forwarder {
+        Forwarder {
+            shared: Arc::new(Shared {
+                client,
+                lanes: Mutex::new(HashMap::new()),
+                queued: AtomicUsize::new(0),
+            }),
+        }
     }
 
-    /// Sends `msg` to the leader at `addr` with whatever else is waiting, and returns its
-    /// outcome. The caller bounds the wait.
-    pub(crate) async fn forward(&self, msg: &Validated, addr: &str) -> Attempt {
-        let element = ForwardedMessage {
-            message: msg,
-            server_msg_id: !msg.client_msg_id,
-        };
-        let json = match serde_json::to_vec(&element) {
+    /// Sends `msg` to the leader at `addr` with whatever else is waiting for it, and returns
+    /// its outcome, or gives up at `deadline` (the message is then not sent if it has not been
+    /// yet; if it has, it may be stored all the same, as a write whose answer was lost).
+    pub(crate) async fn forward(&self, msg: &Validated, addr: &str, deadline: Instant) -> Attempt {
+        let message = match serde_json::to_vec(msg) {
             Ok(j) => j,
             Err(e) => return Attempt::Fail(ApiError::internal(e.to_string())),
         };
+        if self.shared.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+            return Attempt::Fail(ApiError::unavailable(
+                "too many writes are waiting for the leader; retry with the same msg_id",
+            ));
+        }
         let (reply, outcome) = oneshot::channel();
         let pending = Pending {
-            json,
-            addr: addr.to_string(),
+            message,
+            server_msg_id: !msg.client_msg_id,
+            deadline,
             reply,
         };
-        if self.tx.send(pending).is_err() {
+        if let Err(mpsc::error::SendError(p)) = self.lane(addr).send(pending) {
+            // The lane's task is gone (only at shutdown).
+            drop(p);
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
             return Attempt::Fail(ApiError::unavailable("the node is shutting down"));
         }
-        outcome
-            .await
-            .unwrap_or_else(|_| Attempt::Fail(ApiError::unavailable("the node is shutting down")))
+        match tokio::time::timeout_at(deadline, outcome).await {
+            Ok(Ok(attempt)) => attempt,
+            Ok(Err(_)) => Attempt::Fail(ApiError::unavailable("the node is shutting down")),
+            // Dropping `outcome` closes the reply: a lane skips a message nobody waits for.
+            Err(_) => Attempt::Fail(ApiError::unavailable(
+                "the leader did not answer the write in time (api.write_timeout_ms); retry with the same msg_id",
+            )),
+        }
+    }
+
+    fn lane(&self, addr: &str) -> mpsc::UnboundedSender<Pending> {
+        let mut lanes = match self.shared.lanes.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(tx) = lanes.get(addr).filter(|tx| !tx.is_closed()) {
+            return tx.clone();
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        // The task holds only a weak handle, so that it ends with the last Forwarder.
+        tokio::spawn(lane(Arc::downgrade(&self.shared), addr.to_string(), rx));
+        lanes.insert(addr.to_string(), tx.clone());
+        tx
     }
 }
 
-async fn run(client: HttpClient, timeout: Duration, mut rx: mpsc::UnboundedReceiver<Pending>) {
-    let slots = std::sync::Arc::new(Semaphore::new(IN_FLIGHT));
-    // A message for another leader address than the batch being filled waits for the next.
-    let mut carried: Option<Pending> = None;
+/// One leader address's lane: takes what waits (up to [`MAX_MESSAGES`] / [`MAX_BYTES`]) into
+/// one request while up to [`IN_FLIGHT`] are on their way.
+async fn lane(shared: Weak<Shared>, addr: String, mut rx: mpsc::UnboundedReceiver<Pending>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let first = match carried.take() {
-            Some(p) => p,
-            None => match rx.recv().await {
-                Some(p) => p,
-                None => return,
-            },
+        let Some(first) = rx.recv().await else {
+            return;
         };
-        let mut bytes = first.json.len();
-        let mut batch = vec![first];
-        while batch.len() < MAX_MESSAGES && bytes < MAX_BYTES {
-            match rx.try_recv() {
-                Ok(p) if p.addr == batch[0].addr => {
-                    bytes += p.json.len();
-                    batch.push(p);
-                }
-                Ok(p) => {
-                    carried = Some(p);
-                    break;
-                }
-                Err(_) => break,
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut taken = 1;
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let mut next = Some(first);
+        while let Some(p) = next.take() {
+            // A caller that gave up is not sent: it was answered 503 and may retry.
+            if !p.reply.is_closed() {
+                bytes += p.message.len() + 32;
+                batch.push(p);
+            }
+            if batch.len() >= MAX_MESSAGES || bytes >= MAX_BYTES {
+                break;
+            }
+            if let Ok(p) = rx.try_recv() {
+                taken += 1;
+                next = Some(p);
             }
         }
-        let client = client.clone();
+        shared.queued.fetch_sub(taken, Ordering::AcqRel);
+        if batch.is_empty() {
+            continue;
+        }
+        let addr = addr.clone();
         tokio::spawn(async move {
-            send(&client, timeout, batch).await;
+            send(&shared.client, &addr, batch).await;
             drop(slot);
         });
     }
 }
 
-async fn send(client: &HttpClient, timeout: Duration, batch: Vec<Pending>) {
-    let addr = batch[0].addr.clone();
-    let mut body = Vec::with_capacity(batch.iter().map(|p| p.json.len() + 1).sum::<usize>() + 16);
+async fn send(client: &HttpClient, addr: &str, batch: Vec<Pending>) {
+    let deadline = batch
+        .iter()
+        .map(|p| p.deadline)
+        .max()
+        .unwrap_or_else(Instant::now);
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    let mut body =
+        Vec::with_capacity(batch.iter().map(|p| p.message.len() + 40).sum::<usize>() + 16);
     body.extend_from_slice(b"{\"messages\":[");
-    let mut replies = Vec::with_capacity(batch.len());
-    for (i, p) in batch.into_iter().enumerate() {
+    for (i, p) in batch.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(&p.json);
-        replies.push(p.reply);
+        body.extend_from_slice(b"{\"message\":");
+        body.extend_from_slice(&p.message);
+        body.extend_from_slice(if p.server_msg_id {
+            b",\"server_msg_id\":true}"
+        } else {
+            b",\"server_msg_id\":false}"
+        });
     }
     body.extend_from_slice(b"]}");
-    let outcomes = match request(client, &addr, timeout, Bytes::from(body)).await {
-        Ok(results) if results.len() == replies.len() => results
+    let outcomes = match request(client, addr, timeout, Bytes::from(body)).await {
+        Ok(results) if results.len() == batch.len() => results
             .into_iter()
             .map(ForwardResult::into_attempt)
             .collect(),
@@ -259,36 +332,38 @@ async fn send(client: &HttpClient, timeout: Duration, batch: Vec<Pending>) {
             let why = format!(
                 "the leader answered {} results for {} forwarded writes",
                 results.len(),
-                replies.len()
+                batch.len()
             );
             tracing::error!("{why}");
-            (0..replies.len())
+            (0..batch.len())
                 .map(|_| Attempt::Fail(ApiError::internal(why.clone())))
                 .collect()
         }
-        Err(outcome) => {
-            let n = replies.len();
-            std::iter::repeat_with(|| outcome.clone_for_batch())
-                .take(n)
-                .collect::<Vec<_>>()
+        Err(BatchFailure::NoRoute) => {
+            // A leader from before this route: each message as a request of its own.
+            let each = batch.iter().map(|p| single(client, addr, p, timeout));
+            futures_util::future::join_all(each).await
         }
+        Err(failure) => (0..batch.len()).map(|_| failure.attempt()).collect(),
     };
-    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+    for (p, outcome) in batch.into_iter().zip(outcomes) {
         // A caller that gave up is gone; its message may be stored all the same.
-        let _ = reply.send(outcome);
+        let _ = p.reply.send(outcome);
     }
 }
 
 /// Why a whole forwarded request failed, for each of its messages.
 enum BatchFailure {
     Retry,
+    /// The leader does not know the route (it runs an older version).
+    NoRoute,
     Fail(ApiError),
 }
 
 impl BatchFailure {
-    fn clone_for_batch(&self) -> Attempt {
+    fn attempt(&self) -> Attempt {
         match self {
-            BatchFailure::Retry => Attempt::Retry,
+            BatchFailure::Retry | BatchFailure::NoRoute => Attempt::Retry,
             BatchFailure::Fail(e) => Attempt::Fail(e.clone()),
         }
     }
@@ -325,12 +400,66 @@ async fn request(
                     "the leader's answer to forwarded writes did not decode: {e}"
                 )))
             }),
+        StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED => Err(BatchFailure::NoRoute),
         StatusCode::SERVICE_UNAVAILABLE => Err(BatchFailure::Retry),
         status => Err(BatchFailure::Fail(ApiError::internal(format!(
             "the leader answered forwarded writes with {status}: {}",
             String::from_utf8_lossy(&resp.body)
         )))),
     }
+}
+
+/// One message forwarded alone, as `POST /api/v1/message`.
+async fn single(client: &HttpClient, addr: &str, p: &Pending, timeout: Duration) -> Attempt {
+    let resp = client
+        .request(
+            hyper::Method::POST,
+            addr,
+            "/api/v1/message",
+            &[
+                ("content-type", "application/json"),
+                (FORWARDED_HEADER, "1"),
+            ],
+            Bytes::from(p.message.clone()),
+            timeout,
+        )
+        .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "forwarding a write failed; will retry");
+            return Attempt::Retry;
+        }
+    };
+    let ok = resp.status == StatusCode::CREATED || resp.status == StatusCode::OK;
+    let error = (!ok)
+        .then(|| serde_json::from_slice::<ErrorBody>(&resp.body).ok())
+        .flatten()
+        .map(|b| b.error);
+    ForwardResult {
+        status: resp.status.as_u16(),
+        record: ok
+            .then(|| serde_json::from_slice::<Record>(&resp.body).ok())
+            .flatten(),
+        log_index: resp
+            .headers
+            .get(LOG_INDEX_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
+        retry_after: resp
+            .headers
+            .get(hyper::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok()),
+        error,
+    }
+    .into_attempt()
+}
+
+/// The API's error shape.
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ForwardError,
 }
 
 #[cfg(test)]
@@ -347,6 +476,7 @@ mod tests {
                 code: "not_leader".into(),
                 message: "node 2 is not the leader".into(),
             }),
+            retry_after: Some(1),
         };
         assert!(matches!(retry.into_attempt(), Attempt::Retry));
         let conflict = ForwardResult {
@@ -357,6 +487,7 @@ mod tests {
                 code: "msg_id_conflict".into(),
                 message: "msg_id x is already stored with other content".into(),
             }),
+            retry_after: None,
         };
         match conflict.into_attempt() {
             Attempt::Fail(e) => {
@@ -371,6 +502,7 @@ mod tests {
             record: None,
             log_index: Some(3),
             error: None,
+            retry_after: None,
         };
         assert!(matches!(odd.into_attempt(), Attempt::Fail(e) if e.status == 500));
         let unknown = ForwardResult {
@@ -381,7 +513,22 @@ mod tests {
                 code: "teapot".into(),
                 message: "no".into(),
             }),
+            retry_after: None,
         };
         assert!(matches!(unknown.into_attempt(), Attempt::Fail(e) if e.code == "internal"));
+        let limited = ForwardResult {
+            status: 429,
+            record: None,
+            log_index: None,
+            error: Some(ForwardError {
+                code: "rate_limited".into(),
+                message: "too many writes from this address".into(),
+            }),
+            retry_after: Some(3),
+        };
+        assert!(matches!(
+            limited.into_attempt(),
+            Attempt::Fail(e) if e.code == "rate_limited" && e.retry_after == Some(3)
+        ));
     }
 }

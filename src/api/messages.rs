@@ -352,7 +352,7 @@ async fn post_forwarded(
 
 /// A write's answer carries the Raft log index that made its record visible, so that a
 /// follower that forwarded it can wait until it has applied that far itself.
-const LOG_INDEX_HEADER: &str = "x-chatraftd-log-index";
+pub(crate) const LOG_INDEX_HEADER: &str = "x-chatraftd-log-index";
 
 /// A stored (or found) record.
 pub(crate) struct Written {
@@ -392,14 +392,7 @@ async fn write(state: &AppState, msg: Validated, forwarded: bool) -> Result<Writ
         let outcome = match leader {
             Leader::Me => propose(state, &msg, deadline).await,
             Leader::Other(_, Some(addr)) if !forwarded => {
-                match tokio::time::timeout_at(deadline, state.forwarder.forward(&msg, &addr)).await
-                {
-                    Ok(attempt) => attempt,
-                    Err(_) => Attempt::Fail(ApiError::unavailable(format!(
-                        "the leader did not answer the write within {} ms (api.write_timeout_ms); retry with the same msg_id",
-                        state.write_timeout.as_millis()
-                    ))),
-                }
+                state.forwarder.forward(&msg, &addr, deadline).await
             }
             Leader::Other(leader, Some(_)) => {
                 return Err(ApiError {

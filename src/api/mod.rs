@@ -133,7 +133,7 @@ impl AppState {
         AppState {
             node_id: config.node_id,
             batcher: batcher::Batcher::start(raft.clone()),
-            forwarder: forwarder::Forwarder::start(client.clone(), config.write_timeout()),
+            forwarder: forwarder::Forwarder::new(client.clone()),
             raft,
             reader,
             client,

@@ -9,9 +9,10 @@
 //! straight to the socket, HTTP/1.1 with chunked transfer encoding, one write per chunk. The
 //! connection closes when the stream ends (`connection: close` says so up front).
 //!
-//! Every other connection is handed to hyper with the bytes read so far put back in front of
-//! the socket ([`Rewind`]), so hyper parses it exactly as if it had read them itself: its own
-//! head-size limit (431), timeouts and errors apply unchanged.
+//! Every other connection is handed to hyper with its first head put back in front of the
+//! socket ([`Rewind`]), so hyper parses it exactly as if it had read it itself: its own
+//! head-size limit (431) and errors apply unchanged, and the first head is bounded by the same
+//! head read timeout as every later one.
 
 use std::convert::Infallible;
 use std::io::{self, IoSlice};
@@ -43,9 +44,10 @@ pub(super) enum FirstHead {
     Closed,
 }
 
-/// Reads the connection's first request head far enough to tell whether it opens an event
-/// stream on `path`. Stops reading as soon as the bytes cannot be such a request, so any other
-/// request costs only the few bytes that tell them apart. The caller bounds the time it takes.
+/// Reads the connection's first request head, whole, and tells whether it opens an event
+/// stream on `path`. Any other head is handed on complete (or at `max_head_bytes`, for hyper
+/// to refuse with 431), so the head read timeout the caller puts around this bounds the
+/// client's first head exactly as it bounds the later ones in hyper.
 pub(super) async fn read_first_head<IO>(
     io: &mut IO,
     path: &str,
@@ -54,7 +56,8 @@ pub(super) async fn read_first_head<IO>(
 where
     IO: AsyncRead + Unpin,
 {
-    let mut buf = BytesMut::with_capacity(FIRST_READ.min(max_head_bytes.max(1)));
+    let max_head_bytes = max_head_bytes.max(1);
+    let mut buf = BytesMut::with_capacity(FIRST_READ.min(max_head_bytes));
     loop {
         if io.read_buf(&mut buf).await? == 0 {
             return Ok(if buf.is_empty() {
@@ -63,7 +66,7 @@ where
                 FirstHead::Other(buf.freeze())
             });
         }
-        match classify(&buf, path) {
+        match classify(&buf, path, max_head_bytes) {
             Classified::NotStream => return Ok(FirstHead::Other(buf.freeze())),
             Classified::Stream(req) => return Ok(FirstHead::Stream(req)),
             Classified::Partial if buf.len() >= max_head_bytes => {
@@ -71,7 +74,7 @@ where
             }
             Classified::Partial => {
                 if buf.capacity() == buf.len() {
-                    buf.reserve(buf.len().min(max_head_bytes));
+                    buf.reserve(buf.len().min(max_head_bytes - buf.len()));
                 }
             }
         }
@@ -84,29 +87,26 @@ enum Classified {
     Partial,
 }
 
-fn classify(buf: &[u8], path: &str) -> Classified {
-    // "GET <path>" followed by a space or a query: decided on the first bytes.
-    let prefix_len = 4 + path.len();
-    let seen = buf.len().min(prefix_len);
-    let matches_prefix = buf[..seen]
-        .iter()
-        .zip(b"GET ".iter().chain(path.as_bytes()))
-        .all(|(a, b)| a == b);
-    if !matches_prefix {
-        return Classified::NotStream;
-    }
-    if let Some(&next) = buf.get(prefix_len) {
-        if next != b' ' && next != b'?' {
-            return Classified::NotStream;
-        }
-    }
+fn classify(buf: &[u8], path: &str, max_head_bytes: usize) -> Classified {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(buf) {
         Ok(httparse::Status::Partial) => Classified::Partial,
-        // Bytes after the head would be a body or a pipelined request: hyper handles those.
-        Ok(httparse::Status::Complete(len)) if len == buf.len() => build_request(&parsed)
-            .map_or(Classified::NotStream, |r| Classified::Stream(Box::new(r))),
+        // Bytes after the head would be a body or a pipelined request: hyper handles those,
+        // and a head above the limit, which it refuses.
+        Ok(httparse::Status::Complete(len)) if len == buf.len() && len <= max_head_bytes => {
+            let is_stream = parsed.method == Some("GET")
+                && parsed.path.is_some_and(|p| {
+                    p.strip_prefix(path)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('?'))
+                });
+            if is_stream {
+                build_request(&parsed)
+                    .map_or(Classified::NotStream, |r| Classified::Stream(Box::new(r)))
+            } else {
+                Classified::NotStream
+            }
+        }
         Ok(httparse::Status::Complete(_)) | Err(_) => Classified::NotStream,
     }
 }
@@ -335,7 +335,7 @@ mod tests {
     #[test]
     fn a_stream_request_is_recognised_with_its_headers() {
         let head = b"GET /api/v1/stream?conv_id=a HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 7\r\n\r\n";
-        let Classified::Stream(req) = classify(head, PATH) else {
+        let Classified::Stream(req) = classify(head, PATH, 16384) else {
             panic!("not taken as a stream request");
         };
         assert_eq!(req.uri().path(), PATH);
@@ -344,23 +344,40 @@ mod tests {
     }
 
     #[test]
-    fn other_requests_are_told_apart_on_their_first_bytes() {
-        assert!(matches!(classify(b"P", PATH), Classified::NotStream));
+    fn heads_are_read_whole_before_they_are_told_apart() {
+        for partial in [
+            &b"P"[..],
+            b"GET /api/v1/m",
+            b"GET /api/v1/stream HTTP/1.1\r\nHost:",
+        ] {
+            assert!(matches!(
+                classify(partial, PATH, 16384),
+                Classified::Partial
+            ));
+        }
+        for other in [
+            &b"GET /api/v1/streams HTTP/1.1\r\n\r\n"[..],
+            b"POST /api/v1/stream HTTP/1.1\r\n\r\n",
+            b"GET /api/v1/messages HTTP/1.1\r\n\r\n",
+            b"\x16\x03\x01 not http",
+        ] {
+            assert!(matches!(
+                classify(other, PATH, 16384),
+                Classified::NotStream
+            ));
+        }
+        // A complete head above the limit goes to hyper, which answers 431.
+        let head = format!(
+            "GET /api/v1/stream HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+            "x".repeat(100)
+        );
         assert!(matches!(
-            classify(b"GET /api/v1/m", PATH),
+            classify(head.as_bytes(), PATH, 64),
             Classified::NotStream
         ));
         assert!(matches!(
-            classify(b"GET /api/v1/streams HTTP/1.1\r\n\r\n", PATH),
-            Classified::NotStream
-        ));
-        assert!(matches!(
-            classify(b"GET /api/v1/str", PATH),
-            Classified::Partial
-        ));
-        assert!(matches!(
-            classify(b"GET /api/v1/stream HTTP/1.1\r\nHost:", PATH),
-            Classified::Partial
+            classify(head.as_bytes(), PATH, 16384),
+            Classified::Stream(_)
         ));
     }
 
@@ -374,7 +391,7 @@ mod tests {
             b"GET /api/v1/stream HTTP/1.1\r\nbad header\r\n\r\n",
         ] {
             assert!(
-                matches!(classify(head, PATH), Classified::NotStream),
+                matches!(classify(head, PATH, 16384), Classified::NotStream),
                 "{}",
                 String::from_utf8_lossy(head)
             );
