@@ -251,18 +251,8 @@ async fn post_message(
     body: Bytes,
 ) -> warp::reply::Response {
     let forwarded = headers.contains_key(FORWARDED_HEADER);
-    // Peers forwarding a write are not limited: the node the client reached counted it.
-    if let Some(addr) = remote.filter(|_| !state.security.is_secret_holder(&headers)) {
-        if let Err(secs) = state.write_rate.check(addr.ip()) {
-            return reply_json::<()>(Err(ApiError {
-                retry_after: Some(secs),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    "too many writes from this address (limits.write_rate_per_sec)",
-                )
-            }));
-        }
+    if let Err(e) = check_write_rate(&state, &headers, remote) {
+        return reply_json::<()>(Err(e));
     }
     let result = match validate(&headers, &body, &state.limits).and_then(|msg| {
         state
@@ -296,6 +286,26 @@ async fn post_message(
     }
 }
 
+/// Counts one write against its client address's rate (`limits.write_rate_per_sec`). Peers
+/// holding the cluster secret are not limited: the node the client reached counted the write.
+fn check_write_rate(
+    state: &AppState,
+    headers: &HeaderMap,
+    remote: Option<std::net::SocketAddr>,
+) -> Result<(), ApiError> {
+    let Some(addr) = remote.filter(|_| !state.security.is_secret_holder(headers)) else {
+        return Ok(());
+    };
+    state.write_rate.check(addr.ip()).map_err(|secs| ApiError {
+        retry_after: Some(secs),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many writes from this address (limits.write_rate_per_sec)",
+        )
+    })
+}
+
 /// `POST /api/v1/internal/forward`: the writes a follower took, together (see
 /// [`forwarder`]). Each message is checked and written exactly as its own
 /// `POST /api/v1/message` would be, all at once, and answered in the request's order.
@@ -314,25 +324,13 @@ async fn post_forwarded(
         Ok(r) => r,
         Err(e) => return reply_json::<()>(Err(e)),
     };
-    // As for a single write: a peer holding the cluster secret is not rate-limited (the node
-    // the client reached counted the write), anyone else is, message by message.
-    let limited = remote.filter(|_| !state.security.is_secret_holder(&headers));
     let writes = request.messages.into_iter().map(|m| {
         let state = &state;
         let access = &access;
+        let headers = &headers;
         async move {
-            if let Some(addr) = limited {
-                if let Err(secs) = state.write_rate.check(addr.ip()) {
-                    return Err(ApiError {
-                        retry_after: Some(secs),
-                        ..ApiError::new(
-                            StatusCode::TOO_MANY_REQUESTS,
-                            "rate_limited",
-                            "too many writes from this address (limits.write_rate_per_sec)",
-                        )
-                    });
-                }
-            }
+            // Message by message, as if each had come alone.
+            check_write_rate(state, headers, remote)?;
             let mut msg = validate_json(m.message.get().as_bytes(), &state.limits)?;
             access.check_write(&msg.conv_id, &msg.sender)?;
             msg.client_msg_id = !m.server_msg_id;
