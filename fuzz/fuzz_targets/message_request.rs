@@ -79,8 +79,8 @@ fn check(body: &[u8], limits: &Limits) -> Option<AcceptedMessage> {
     if !m.client_msg_id {
         assert_eq!(
             m.msg_id.get_version_num(),
-            4,
-            "a server-made msg_id is random"
+            7,
+            "a server-made msg_id is time-ordered (UUIDv7)"
         );
     }
 
