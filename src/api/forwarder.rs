@@ -56,12 +56,15 @@ pub(crate) struct ForwardedMessage<M> {
     pub(crate) server_msg_id: bool,
 }
 
-/// A forwarded request's body as the leader reads it: each message kept raw, to be checked
-/// exactly like a body of its own. (The follower writes the same shape element by element.)
-#[derive(Deserialize)]
-pub(crate) struct IncomingForward {
-    pub(crate) messages: Vec<ForwardedMessage<Box<RawValue>>>,
+/// A forwarded request's body. The follower writes each message as the raw JSON it made
+/// once; the leader reads each one raw too, to check it exactly like a body of its own.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct ForwardRequest<M> {
+    pub(crate) messages: Vec<ForwardedMessage<M>>,
 }
+
+/// A forwarded request as the leader reads it.
+pub(crate) type IncomingForward = ForwardRequest<Box<RawValue>>;
 
 /// The leader's answer: one result per message, in the request's order.
 #[derive(Serialize, Deserialize)]
@@ -170,7 +173,7 @@ const MAX_QUEUED: usize = 16 * 1024;
 
 struct Pending {
     /// The message as a `POST /api/v1/message` body, with its `msg_id`.
-    message: Vec<u8>,
+    message: Box<RawValue>,
     server_msg_id: bool,
     /// When the caller stops waiting: the request is bounded by the latest of its messages'.
     deadline: Instant,
@@ -207,7 +210,7 @@ impl Forwarder {
     /// its outcome, or gives up at `deadline` (the message is then not sent if it has not been
     /// yet; if it has, it may be stored all the same, as a write whose answer was lost).
     pub(crate) async fn forward(&self, msg: &Validated, addr: &str, deadline: Instant) -> Attempt {
-        let message = match serde_json::to_vec(msg) {
+        let message = match serde_json::value::to_raw_value(msg) {
             Ok(j) => j,
             Err(e) => return Attempt::Fail(ApiError::internal(e.to_string())),
         };
@@ -277,7 +280,7 @@ async fn lane(shared: Weak<Shared>, addr: String, mut rx: mpsc::UnboundedReceive
         while let Some(p) = next.take() {
             // A caller that gave up is not sent: it was answered 503 and may retry.
             if !p.reply.is_closed() {
-                bytes += p.message.len() + 32;
+                bytes += p.message.get().len() + 32;
                 batch.push(p);
             }
             if batch.len() >= MAX_MESSAGES || bytes >= MAX_BYTES {
@@ -307,23 +310,16 @@ async fn send(client: &HttpClient, addr: &str, batch: Vec<Pending>) {
         .max()
         .unwrap_or_else(Instant::now);
     let timeout = deadline.saturating_duration_since(Instant::now());
-    let mut body =
-        Vec::with_capacity(batch.iter().map(|p| p.message.len() + 40).sum::<usize>() + 16);
-    body.extend_from_slice(b"{\"messages\":[");
-    for (i, p) in batch.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(b"{\"message\":");
-        body.extend_from_slice(&p.message);
-        body.extend_from_slice(if p.server_msg_id {
-            b",\"server_msg_id\":true}"
-        } else {
-            b",\"server_msg_id\":false}"
-        });
-    }
-    body.extend_from_slice(b"]}");
-    let outcomes = match request(client, addr, timeout, Bytes::from(body)).await {
+    let body = ForwardRequest {
+        messages: batch
+            .iter()
+            .map(|p| ForwardedMessage {
+                message: &*p.message,
+                server_msg_id: p.server_msg_id,
+            })
+            .collect(),
+    };
+    let outcomes = match request(client, addr, timeout, &body).await {
         Ok(results) if results.len() == batch.len() => results
             .into_iter()
             .map(ForwardResult::into_attempt)
@@ -373,8 +369,10 @@ async fn request(
     client: &HttpClient,
     addr: &str,
     timeout: Duration,
-    body: Bytes,
+    body: &ForwardRequest<&RawValue>,
 ) -> Result<Vec<ForwardResult>, BatchFailure> {
+    let body = serde_json::to_vec(body)
+        .map_err(|e| BatchFailure::Fail(ApiError::internal(e.to_string())))?;
     let resp = client
         .request(
             hyper::Method::POST,
@@ -384,7 +382,7 @@ async fn request(
                 ("content-type", "application/json"),
                 (FORWARDED_HEADER, "1"),
             ],
-            body,
+            Bytes::from(body),
             timeout,
         )
         .await
@@ -420,7 +418,7 @@ async fn single(client: &HttpClient, addr: &str, p: &Pending, timeout: Duration)
                 ("content-type", "application/json"),
                 (FORWARDED_HEADER, "1"),
             ],
-            Bytes::from(p.message.clone()),
+            Bytes::copy_from_slice(p.message.get().as_bytes()),
             timeout,
         )
         .await;
