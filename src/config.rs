@@ -80,6 +80,9 @@ pub struct RaftConfig {
     pub election_timeout_max_ms: u64,
     /// Build a snapshot (and purge the log behind it) after this many applied entries.
     pub snapshot_threshold: u64,
+    /// Also build a snapshot once this many messages were stored since the last one, or as
+    /// many as it holds, whichever is more (0: entries alone decide).
+    pub snapshot_threshold_messages: u64,
     /// Keep this many log entries behind the last snapshot, so a briefly lagging follower
     /// catches up from the log instead of a full snapshot.
     pub keep_logs_after_snapshot: u64,
@@ -178,6 +181,7 @@ impl Default for Config {
                 election_timeout_min_ms: 1_000,
                 election_timeout_max_ms: 2_000,
                 snapshot_threshold: 50_000,
+                snapshot_threshold_messages: 100_000,
                 keep_logs_after_snapshot: 1_000,
                 max_payload_entries: 64,
             },

@@ -130,6 +130,7 @@ pub async fn run(
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
     let commit_index = log_store.commit_index_handle();
+    let growth = stores.sm.growth();
 
     if security.cluster_secret().is_none() {
         tracing::warn!(
@@ -227,6 +228,11 @@ pub async fn run(
         state.commit_index.clone(),
         shutdown_rx.clone(),
     ));
+    let snapshots = tokio::spawn(snapshot_by_messages(
+        raft.clone(),
+        growth,
+        config.raft.snapshot_threshold_messages,
+    ));
 
     if fresh && config.bootstrap {
         let members = BTreeMap::from([(config.node_id, me.clone())]);
@@ -261,6 +267,7 @@ pub async fn run(
     tracing::info!("stopping");
     sys::notify("STOPPING=1\nSTATUS=stopping");
     status.abort();
+    snapshots.abort();
     let _ = shutdown_tx.send(true);
     if let Some(j) = joiner {
         j.abort();
@@ -291,6 +298,39 @@ pub async fn run(
         Some(reason) => Err(ServerError::Raft(format!(
             "stopped after a fatal error: {reason}"
         ))),
+    }
+}
+
+/// Asks openraft for a snapshot whenever `raft.snapshot_threshold_messages` says one is due
+/// (see [`store::snapshot_due`]); openraft's own policy counts entries only. Runs until
+/// aborted at stop.
+async fn snapshot_by_messages(raft: Raft, growth: Arc<store::MessageGrowth>, threshold: u64) {
+    /// A request openraft dropped (a build already running, say) is made again after this.
+    const ASK_AGAIN: Duration = Duration::from_secs(30);
+    if threshold == 0 {
+        return;
+    }
+    // The snapshot size a build was last asked for at, and when: one request per snapshot.
+    let mut asked: Option<(u64, std::time::Instant)> = None;
+    loop {
+        growth.changed().await;
+        let (in_snapshot, since) = growth.since_snapshot();
+        if !store::snapshot_due(in_snapshot, since, threshold) {
+            continue;
+        }
+        if matches!(asked, Some((at, when)) if at == in_snapshot && when.elapsed() < ASK_AGAIN) {
+            continue;
+        }
+        tracing::info!(
+            in_snapshot,
+            since,
+            "asking for a snapshot: raft.snapshot_threshold_messages reached"
+        );
+        if raft.trigger().snapshot().await.is_err() {
+            // Raft has stopped; `run` reports why.
+            return;
+        }
+        asked = Some((in_snapshot, std::time::Instant::now()));
     }
 }
 

@@ -359,6 +359,71 @@ async fn a_new_node_catches_up_from_a_snapshot() {
     }
 }
 
+/// Entries that each hold many messages never reach `raft.snapshot_threshold` (counted in
+/// entries); `raft.snapshot_threshold_messages` still makes the nodes snapshot and purge, so
+/// a node that joins afterwards receives a snapshot instead of replaying the whole log.
+#[tokio::test(flavor = "multi_thread")]
+async fn snapshots_follow_the_message_count_and_a_join_installs_one() {
+    const CONV: &str = "snapmsgs";
+    let mut c = Cluster::start(Options {
+        snapshot_threshold: 50_000,
+        keep_logs_after_snapshot: 5,
+        raft_toml: "snapshot_threshold_messages = 100".into(),
+        ..Options::nodes(3)
+    })
+    .await;
+
+    let mut writers = Vec::new();
+    for w in 0..8u64 {
+        let (http, addr) = (c.http.clone(), c.api(w % 3 + 1).to_owned());
+        writers.push(tokio::spawn(async move {
+            for i in 0..50 {
+                let msg = json!({"conv_id": CONV, "sender": format!("w{w}"), "payload": format!("w{w}-{i}")});
+                let r = common::post_message(&http, &addr, &msg).await.unwrap_or_else(|e| panic!("w{w} {i}: {e}"));
+                assert_eq!(r.code(), 201, "w{w} {i}: {}", r.text());
+            }
+        }));
+    }
+    for w in writers {
+        w.await.expect("a writer panicked");
+    }
+    let before = c
+        .wait_same_messages(&c.ids(), CONV, 400, Duration::from_secs(15))
+        .await;
+    assert_dense(&before);
+
+    // Every node counts for itself: each builds a snapshot and purges its log behind it,
+    // far below 50,000 entries.
+    for id in c.ids() {
+        let s = wait_until(
+            &format!("node {id} to snapshot and purge by message count"),
+            Duration::from_secs(15),
+            || async {
+                let s = c.status(id).await?;
+                match (s["snapshot_index"].as_u64(), s["purged_index"].as_u64()) {
+                    (Some(snap), Some(purged)) if snap > 0 && purged > 1 => Ok(s),
+                    other => Err(format!("snapshot and purged index {other:?}")),
+                }
+            },
+        )
+        .await;
+        let entries = s["last_log_index"].as_u64().expect("last_log_index");
+        assert!(entries < 50_000, "node {id}: {s}");
+    }
+
+    let new = c.add_node().await;
+    let all = c.ids();
+    let after = c
+        .wait_same_messages(&all, CONV, 400, Duration::from_secs(20))
+        .await;
+    assert_eq!(after, before, "the new node's records differ");
+    let joined = c.status(new).await.expect("status of the new node");
+    assert!(
+        joined["snapshot_index"].as_u64() > Some(0),
+        "node {new} caught up without a snapshot: {joined}"
+    );
+}
+
 /// A lone node of three cannot commit: a write answers 503 with Retry-After within the
 /// write timeout, and the message never appears once the others are back.
 #[tokio::test(flavor = "multi_thread")]

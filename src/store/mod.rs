@@ -33,6 +33,7 @@
 //! All SQLite and file work runs on tokio's blocking pool ([`blocking`]); connections live
 //! behind `std::sync::Mutex` so that the blocking closures can own an `Arc` of them.
 
+mod growth;
 mod log;
 mod reader;
 mod sm;
@@ -49,6 +50,7 @@ use std::time::Duration;
 use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
 use rusqlite::{Connection, OpenFlags};
 
+pub use self::growth::{snapshot_due, MessageGrowth};
 pub use self::log::LogStore;
 pub use self::reader::{ConversationInfo, EventPage, MessageReader};
 pub(crate) use self::sm::set_state_membership;

@@ -12,6 +12,7 @@ use tokio::fs::File;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::growth::MessageGrowth;
 use super::reader::record_by_msg_id;
 use super::snapshot::{self, SnapshotBuilder, SnapshotDir, TempFile};
 use super::{
@@ -72,6 +73,8 @@ struct SmShared {
     /// Files handed out by `begin_receiving_snapshot`, by (device, inode), so that
     /// `install_snapshot` can use the received file in place instead of copying it.
     receiving: Mutex<HashMap<(u64, u64), PathBuf>>,
+    /// Messages stored since the newest snapshot, moved after each COMMIT and each snapshot.
+    growth: Arc<MessageGrowth>,
 }
 
 impl StateMachineStore {
@@ -89,6 +92,10 @@ impl StateMachineStore {
         ensure_schema(&mut conn, path, SCHEMA)?;
         let (last_applied, _) = read_applied_state(&conn, path)?;
         crate::metrics::set_conv_bytes(conv_payload_bytes(&conn, path)?);
+        let growth = Arc::new(MessageGrowth::new(
+            last_message_index(&conn, path)?,
+            snapshots.current_last_message()?,
+        ));
         let (tx, rx) = watch::channel(last_applied.map_or(0, |l| l.index));
         let sm = StateMachineStore {
             inner: Arc::new(SmShared {
@@ -98,9 +105,15 @@ impl StateMachineStore {
                 applied: tx,
                 tail,
                 receiving: Mutex::new(HashMap::new()),
+                growth,
             }),
         };
         Ok((sm, rx))
+    }
+
+    /// Messages stored since the newest snapshot, for `raft.snapshot_threshold_messages`.
+    pub fn growth(&self) -> Arc<MessageGrowth> {
+        self.inner.growth.clone()
     }
 }
 
@@ -213,8 +226,8 @@ fn newly_stored<'a>(response: &'a Response, out: &mut Vec<&'a Record>) {
 }
 
 /// The last global message index stored (0 when there is none).
-fn last_message_index(tx: &Transaction<'_>, path: &Path) -> Result<u64, StoreError> {
-    let last: Option<i64> = tx
+pub(crate) fn last_message_index(conn: &Connection, path: &Path) -> Result<u64, StoreError> {
+    let last: Option<i64> = conn
         .prepare_cached("SELECT MAX(idx) FROM messages")
         .at(path)?
         .query_row([], |r| r.get(0))
@@ -359,6 +372,7 @@ impl SmShared {
         if let Some(last) = last_applied {
             self.applied.send_replace(last.index);
         }
+        self.growth.set_stored(last_index);
         crate::metrics::add_conv_bytes(added_bytes);
         Ok(responses)
     }
@@ -373,6 +387,9 @@ impl SmShared {
             // The windows describe the replaced state: subscribers re-read from the new one.
             self.tail.reset();
             crate::metrics::set_conv_bytes(conv_payload_bytes(&conn, &self.path)?);
+            let last = last_message_index(&conn, &self.path)?;
+            self.growth.set_in_snapshot(last);
+            self.growth.set_stored(last);
         }
         // The state machine now is the snapshot: tell readers before anything else can fail.
         self.applied
@@ -494,7 +511,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
-        SnapshotBuilder::new(self.inner.path.clone(), self.inner.snapshots.clone())
+        SnapshotBuilder::new(
+            self.inner.path.clone(),
+            self.inner.snapshots.clone(),
+            self.inner.growth.clone(),
+        )
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<File>, StorageError> {

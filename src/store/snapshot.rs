@@ -14,8 +14,9 @@ use openraft::storage::RaftSnapshotBuilder;
 use openraft::{ErrorSubject, ErrorVerb, Snapshot};
 use rusqlite::{Connection, OpenFlags};
 
+use super::growth::MessageGrowth;
 use super::reader::RECORD_COLUMNS;
-use super::sm::read_applied_state;
+use super::sm::{last_message_index, read_applied_state};
 use super::{
     blocking, fsync_dir, lock, open_live, sql_path, sync_database, Access, SqlContext, StoreError,
     SCHEMA_VERSION,
@@ -202,6 +203,24 @@ impl SnapshotDir {
     }
 }
 
+impl SnapshotDir {
+    /// The global index of the last message in the newest complete snapshot (0 without one).
+    pub(crate) fn current_last_message(&self) -> Result<u64, StoreError> {
+        let _guard = lock(&self.lock, &self.path)?;
+        let newest = self
+            .list()?
+            .into_iter()
+            .max_by(|a, b| a.last_log_id.cmp(&b.last_log_id));
+        match newest {
+            None => Ok(0),
+            Some(meta) => {
+                let p = self.db_path(&meta.snapshot_id);
+                last_message_index(&open_snapshot_file(&p, false)?, &p)
+            }
+        }
+    }
+}
+
 /// A file that is deleted when dropped, unless [`TempFile::keep`] was called.
 pub(crate) struct TempFile {
     path: PathBuf,
@@ -329,11 +348,21 @@ pub struct SnapshotBuilder {
     db_path: PathBuf,
     /// Where the snapshot goes.
     snapshots: Arc<SnapshotDir>,
+    /// Told how many messages each built snapshot holds.
+    growth: Arc<MessageGrowth>,
 }
 
 impl SnapshotBuilder {
-    pub(crate) fn new(db_path: PathBuf, snapshots: Arc<SnapshotDir>) -> SnapshotBuilder {
-        SnapshotBuilder { db_path, snapshots }
+    pub(crate) fn new(
+        db_path: PathBuf,
+        snapshots: Arc<SnapshotDir>,
+        growth: Arc<MessageGrowth>,
+    ) -> SnapshotBuilder {
+        SnapshotBuilder {
+            db_path,
+            snapshots,
+            growth,
+        }
     }
 
     fn build_blocking(&self) -> Result<(SnapshotMeta, fs::File), StoreError> {
@@ -345,9 +374,10 @@ impl SnapshotBuilder {
         // in the live database too before the snapshot lets openraft purge the log behind it.
         sync_database(&self.db_path)?;
         // The meta is read from the copy itself, so it describes exactly what was copied.
-        let (last_log_id, last_membership) = {
+        let (last_log_id, last_membership, last_message) = {
             let conn = open_snapshot_file(tmp.path(), false)?;
-            read_applied_state(&conn, tmp.path())?
+            let (applied, membership) = read_applied_state(&conn, tmp.path())?;
+            (applied, membership, last_message_index(&conn, tmp.path())?)
         };
         // Durability: copy_state fsynced the snapshot's bytes before it is published.
 
@@ -362,13 +392,18 @@ impl SnapshotBuilder {
             snapshot_id,
         };
         let file = self.snapshots.publish(tmp, &meta)?;
+        self.growth.set_in_snapshot(last_message);
         Ok((meta, file))
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let builder = SnapshotBuilder::new(self.db_path.clone(), self.snapshots.clone());
+        let builder = SnapshotBuilder::new(
+            self.db_path.clone(),
+            self.snapshots.clone(),
+            self.growth.clone(),
+        );
         let started = std::time::Instant::now();
         let (meta, file) = blocking(move || builder.build_blocking())
             .await

@@ -63,6 +63,8 @@ pub struct Options {
     pub limits_toml: String,
     /// More `key = value` lines for the `[api]` table.
     pub api_toml: String,
+    /// More `key = value` lines for the `[raft]` table.
+    pub raft_toml: String,
     /// Whole tables appended to the file (`[tls]` ...).
     pub extra_toml: String,
     /// With HTTPS on the API: the CA the harness's clients trust.
@@ -87,6 +89,7 @@ impl Default for Options {
             security_toml: String::new(),
             limits_toml: String::new(),
             api_toml: String::new(),
+            raft_toml: String::new(),
             extra_toml: String::new(),
             api_ca: None,
         }
@@ -163,6 +166,7 @@ election_timeout_min_ms = {emin}
 election_timeout_max_ms = {emax}
 snapshot_threshold = {st}
 keep_logs_after_snapshot = {keep}
+{raft_extra}
 
 [limits]
 {limits}
@@ -194,6 +198,7 @@ level = "{level}"
             },
             security = o.security_toml,
             api_extra = o.api_toml,
+            raft_extra = o.raft_toml,
             extra = o.extra_toml,
         )
     }
