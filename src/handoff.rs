@@ -8,14 +8,17 @@
 //! 2. asks that voter, through `POST /api/v1/internal/elect` on its API, to start an election
 //!    at once (`raft.trigger().elect()`), naming the term and log index it must have;
 //! 3. waits (bounded) until it sees another leader, asking again once in each new term it
-//!    enters, then lets Raft stop.
+//!    enters (from the third request on, no sooner than a heartbeat interval after the last
+//!    one), then lets Raft stop.
 //!
 //! Why the election succeeds: the candidate's log is as long as the leader's, and the stopping
 //! leader grants its vote: at once if it has led for longer than its lease
 //! (`election_timeout_max_ms`), else on the second request, after the first one's higher term
 //! made it step down. In a three-voter cluster that vote and the candidate's own make a
 //! quorum. With more voters, the others refuse votes while their lease from the old leader
-//! lasts; the candidate then wins on its next round, still sooner than a plain failover.
+//! lasts; the candidate then wins on a later round, still sooner than a plain failover. Each
+//! refused round puts the candidate in a new term, so asking at once in every new term would
+//! run rounds back to back (hundreds of terms a second) until the leases end: hence the pace.
 //! Every step is bounded; if one fails the node simply stops, and the cluster elects a leader
 //! the usual way. No acknowledged write is at risk either way: the candidate can only win with
 //! a log at least as long as a quorum's.
@@ -43,12 +46,14 @@ pub struct ElectRequest {
 }
 
 /// Hands leadership to an up-to-date voter if this node is the leader. Returns the new leader's
-/// id when the hand-off was seen to complete within `bound`.
+/// id when the hand-off was seen to complete within `bound`. From the third request on, asks
+/// are at least `pace` apart (the heartbeat interval: a voter's lease can only end that often).
 pub async fn transfer_leadership(
     raft: &Raft,
     client: &HttpClient,
     me: NodeId,
     bound: Duration,
+    pace: Duration,
 ) -> Option<NodeId> {
     let deadline = Instant::now() + bound;
     let mut metrics = raft.metrics();
@@ -86,20 +91,30 @@ pub async fn transfer_leadership(
     // Ask until another leader is seen, once per term this node is in. The first request
     // may be refused by this very node: a leader elected less than `election_timeout_max_ms`
     // ago still holds its lease and rejects the vote. It then sees the candidate's higher term
-    // and steps down to an uncommitted vote, which grants the second request at once.
-    let mut asked_in: Option<u64> = None;
+    // and steps down to an uncommitted vote, which grants the second request at once. Later
+    // requests wait for the pace: only other voters' leases can still be in the way.
+    let mut last_ask: Option<(u64, Instant)> = None;
+    let mut asks = 0u32;
     loop {
         let m = metrics.borrow_and_update().clone();
         if let Some(leader) = m.current_leader.filter(|l| *l != me) {
             tracing::info!(
                 new_leader = leader,
                 term = m.current_term,
+                asks,
                 "handed leadership over"
             );
             return Some(leader);
         }
-        if asked_in != Some(m.current_term) {
-            asked_in = Some(m.current_term);
+        let now = Instant::now();
+        let next_ask = match last_ask {
+            Some((asked_in, _)) if asked_in == m.current_term => None,
+            Some((_, at)) if asks >= 2 => Some(at + pace),
+            _ => Some(now),
+        };
+        if next_ask.is_some_and(|at| at <= now) {
+            asks += 1;
+            last_ask = Some((m.current_term, now));
             ask_to_elect(
                 client,
                 &addr,
@@ -110,17 +125,22 @@ pub async fn transfer_leadership(
                 deadline,
             )
             .await;
+            continue;
         }
-        if tokio::time::timeout_at(deadline, metrics.changed())
-            .await
-            .map_or(true, |r| r.is_err())
-        {
-            tracing::info!(
-                target_node = target,
-                first_term = term,
-                "no new leader seen in time; stopping anyway"
-            );
-            return None;
+        let wake = next_ask.map_or(deadline, |at| at.min(deadline));
+        match tokio::time::timeout_at(wake, metrics.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return None,
+            Err(_) if Instant::now() < deadline => {}
+            Err(_) => {
+                tracing::info!(
+                    target_node = target,
+                    first_term = term,
+                    asks,
+                    "no new leader seen in time; stopping anyway"
+                );
+                return None;
+            }
         }
     }
 }

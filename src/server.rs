@@ -280,7 +280,8 @@ pub async fn run(
     // does not wait out an election timeout (see `handoff`).
     if fatal.is_none() {
         let bound = Duration::from_millis(2 * config.raft.election_timeout_max_ms);
-        handoff::transfer_leadership(&raft, &client, config.node_id, bound).await;
+        let pace = Duration::from_millis(config.raft.heartbeat_interval_ms);
+        handoff::transfer_leadership(&raft, &client, config.node_id, bound, pace).await;
     }
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "Raft did not stop cleanly");

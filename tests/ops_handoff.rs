@@ -129,3 +129,55 @@ async fn sigterm_on_the_leader_hands_leadership_over_without_an_election_gap() {
     assert!(lost.is_empty(), "acknowledged but lost: {lost:?}");
     common::assert_dense(&records);
 }
+
+/// With five voters the others refuse votes while their lease from the stopping leader lasts,
+/// so the hand-off needs several election rounds, each in a new term. The leader paces its
+/// requests instead of setting off rounds back to back (which ran to thousands of terms in a
+/// few seconds), and a new leader takes over all the same.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hand_off_among_five_voters_paces_its_election_rounds() {
+    let opts = Options {
+        nodes: 5,
+        heartbeat_ms: 100,
+        election_min_ms: 1000,
+        election_max_ms: 1500,
+        ..Options::default()
+    };
+    // Lease (1.5 s) over pace (100 ms), plus the two unpaced first asks, plus slack for
+    // rounds the candidate's own timer may add.
+    const MAX_TERMS: u64 = 40;
+    let mut c = Cluster::start(opts).await;
+    let leader = c.leader().await;
+    let old_term = u64_of(&c.status(leader).await.expect("status"), "term");
+    let others = c.others(leader);
+
+    let status = c.terminate(leader, Duration::from_secs(20)).await;
+    assert!(status.success(), "the leader's exit: {status:?}");
+    let log = c.node(leader).log();
+    assert!(log.contains("handed leadership over"), "{log}");
+
+    let (new_leader, term) = common::wait_until(
+        "a new leader among the other four",
+        Duration::from_secs(20),
+        || async {
+            for &id in &others {
+                let s = c.status(id).await?;
+                if str_of(&s, "role") == "leader" {
+                    return Ok((id, u64_of(&s, "term")));
+                }
+            }
+            Err("no leader yet".to_string())
+        },
+    )
+    .await;
+    eprintln!("node {new_leader} leads in term {term}, the old leader's was {old_term}");
+    assert!(
+        term <= old_term + MAX_TERMS,
+        "the hand-off went from term {old_term} to {term}: election rounds back to back"
+    );
+    let body = json!({"conv_id": CONV, "sender": "after", "payload": "after the hand-off", "msg_id": new_msg_id()});
+    let r = post_message(&c.http, c.api(others[0]), &body)
+        .await
+        .expect("a write after the hand-off");
+    assert_eq!(r.code(), 201, "{}", r.text());
+}
