@@ -88,6 +88,9 @@ pub struct RaftConfig {
     pub keep_logs_after_snapshot: u64,
     /// The most entries sent in one append-entries request.
     pub max_payload_entries: u64,
+    /// How long the leader waits for each snapshot chunk's answer; the last one's answer
+    /// comes after the follower installed the whole snapshot.
+    pub install_snapshot_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,6 +187,7 @@ impl Default for Config {
                 snapshot_threshold_messages: 100_000,
                 keep_logs_after_snapshot: 1_000,
                 max_payload_entries: 64,
+                install_snapshot_timeout_ms: 10_000,
             },
             limits: Limits {
                 max_body_bytes: 256 * 1024,
@@ -338,6 +342,15 @@ impl Config {
         }
         if r.max_payload_entries == 0 {
             return Err(err("raft.max_payload_entries", "must be above 0".into()));
+        }
+        if r.install_snapshot_timeout_ms < r.heartbeat_interval_ms {
+            return Err(err(
+                "raft.install_snapshot_timeout_ms",
+                format!(
+                    "must be at least raft.heartbeat_interval_ms ({})",
+                    r.heartbeat_interval_ms
+                ),
+            ));
         }
         if self.api.write_timeout_ms == 0 {
             return Err(err("api.write_timeout_ms", "must be above 0".into()));
@@ -601,6 +614,16 @@ mod tests {
         assert!(e.to_string().contains(r#"key `""`"#), "{e}");
         let e = load_str(&format!("{MINIMAL}[api]\n\"a\\\"b\\u0001\" = 1\n")).unwrap_err();
         assert_eq!(e.key, r#"api."a\"b\u0001""#);
+    }
+
+    #[test]
+    fn a_snapshot_timeout_below_the_heartbeat_is_named() {
+        let e = load_str(&format!(
+            "{MINIMAL}[raft]\nheartbeat_interval_ms = 500\ninstall_snapshot_timeout_ms = 499\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "raft.install_snapshot_timeout_ms");
+        assert!(e.to_string().contains("heartbeat_interval_ms (500)"), "{e}");
     }
 
     #[test]

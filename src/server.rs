@@ -97,7 +97,7 @@ fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, ServerError> {
         max_in_snapshot_log_to_keep: r.keep_logs_after_snapshot,
         max_payload_entries: r.max_payload_entries,
         snapshot_max_chunk_size: 1024 * 1024,
-        install_snapshot_timeout: 2_000.max(r.election_timeout_max_ms),
+        install_snapshot_timeout: r.install_snapshot_timeout_ms,
         ..Default::default()
     };
     c.validate()
