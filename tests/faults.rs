@@ -29,6 +29,26 @@ async fn write_n(c: &Cluster, id: u64, conv: &str, tag: &str, n: usize) -> Vec<V
     out
 }
 
+/// `writers` concurrent writers, writer `w` on node `w % nodes + 1`, each sending `each`
+/// messages one after another; every one must be acknowledged with 201.
+async fn write_in_parallel(c: &Cluster, conv: &'static str, writers: u64, each: usize) {
+    let nodes = c.ids().len() as u64;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let (http, addr) = (c.http.clone(), c.api(w % nodes + 1).to_owned());
+        tasks.push(tokio::spawn(async move {
+            for i in 0..each {
+                let msg = json!({"conv_id": conv, "sender": format!("w{w}"), "payload": format!("w{w}-{i}")});
+                let r = common::post_message(&http, &addr, &msg).await.unwrap_or_else(|e| panic!("w{w} {i}: {e}"));
+                assert_eq!(r.code(), 201, "w{w} {i}: {}", r.text());
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("a writer panicked");
+    }
+}
+
 /// Writes to `id` until one is acknowledged (a follower may answer 503 until it learns the
 /// new leader). Panics if none is within `timeout`.
 async fn write_eventually(
@@ -286,20 +306,7 @@ async fn a_new_node_catches_up_from_a_snapshot() {
     })
     .await;
 
-    let mut writers = Vec::new();
-    for w in 0..3u64 {
-        let (http, addr) = (c.http.clone(), c.api(w + 1).to_owned());
-        writers.push(tokio::spawn(async move {
-            for i in 0..100 {
-                let msg = json!({"conv_id": CONV, "sender": format!("w{w}"), "payload": format!("w{w}-{i}")});
-                let r = common::post_message(&http, &addr, &msg).await.unwrap_or_else(|e| panic!("w{w} {i}: {e}"));
-                assert_eq!(r.code(), 201, "w{w} {i}: {}", r.text());
-            }
-        }));
-    }
-    for w in writers {
-        w.await.expect("a writer panicked");
-    }
+    write_in_parallel(&c, CONV, 3, 100).await;
     let before = c
         .wait_same_messages(&c.ids(), CONV, 300, Duration::from_secs(15))
         .await;
@@ -373,20 +380,7 @@ async fn snapshots_follow_the_message_count_and_a_join_installs_one() {
     })
     .await;
 
-    let mut writers = Vec::new();
-    for w in 0..8u64 {
-        let (http, addr) = (c.http.clone(), c.api(w % 3 + 1).to_owned());
-        writers.push(tokio::spawn(async move {
-            for i in 0..50 {
-                let msg = json!({"conv_id": CONV, "sender": format!("w{w}"), "payload": format!("w{w}-{i}")});
-                let r = common::post_message(&http, &addr, &msg).await.unwrap_or_else(|e| panic!("w{w} {i}: {e}"));
-                assert_eq!(r.code(), 201, "w{w} {i}: {}", r.text());
-            }
-        }));
-    }
-    for w in writers {
-        w.await.expect("a writer panicked");
-    }
+    write_in_parallel(&c, CONV, 8, 50).await;
     let before = c
         .wait_same_messages(&c.ids(), CONV, 400, Duration::from_secs(15))
         .await;

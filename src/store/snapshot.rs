@@ -187,37 +187,38 @@ impl SnapshotDir {
 
     /// The newest complete snapshot, opened for reading at offset 0.
     pub(crate) fn current(&self) -> Result<Option<(SnapshotMeta, fs::File)>, StoreError> {
-        let _guard = lock(&self.lock, &self.path)?;
-        let newest = self
-            .list()?
-            .into_iter()
-            .max_by(|a, b| a.last_log_id.cmp(&b.last_log_id));
-        match newest {
+        self.with_newest(|newest| match newest {
             None => Ok(None),
-            Some(meta) => {
-                let p = self.db_path(&meta.snapshot_id);
+            Some((meta, p)) => {
                 let file = fs::File::open(&p).map_err(StoreError::io("open", &p))?;
                 Ok(Some((meta, file)))
             }
-        }
+        })
     }
-}
 
-impl SnapshotDir {
     /// The global index of the last message in the newest complete snapshot (0 without one).
     pub(crate) fn current_last_message(&self) -> Result<u64, StoreError> {
+        self.with_newest(|newest| match newest {
+            None => Ok(0),
+            Some((_, p)) => last_message_index(&open_snapshot_file(&p, false)?, &p),
+        })
+    }
+
+    /// Runs `f` on the newest complete snapshot's meta and file, under the directory's lock,
+    /// so that a concurrent publish cannot delete the file meanwhile.
+    fn with_newest<T>(
+        &self,
+        f: impl FnOnce(Option<(SnapshotMeta, PathBuf)>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let _guard = lock(&self.lock, &self.path)?;
         let newest = self
             .list()?
             .into_iter()
             .max_by(|a, b| a.last_log_id.cmp(&b.last_log_id));
-        match newest {
-            None => Ok(0),
-            Some(meta) => {
-                let p = self.db_path(&meta.snapshot_id);
-                last_message_index(&open_snapshot_file(&p, false)?, &p)
-            }
-        }
+        f(newest.map(|meta| {
+            let p = self.db_path(&meta.snapshot_id);
+            (meta, p)
+        }))
     }
 }
 
