@@ -343,12 +343,14 @@ impl Config {
         if r.max_payload_entries == 0 {
             return Err(err("raft.max_payload_entries", "must be above 0".into()));
         }
-        if r.install_snapshot_timeout_ms < r.heartbeat_interval_ms {
+        // Below a real install's time the leader would send the whole snapshot again on
+        // every timeout and the follower would never catch up: keep it off small values.
+        if r.install_snapshot_timeout_ms < r.election_timeout_max_ms {
             return Err(err(
                 "raft.install_snapshot_timeout_ms",
                 format!(
-                    "must be at least raft.heartbeat_interval_ms ({})",
-                    r.heartbeat_interval_ms
+                    "must be at least raft.election_timeout_max_ms ({})",
+                    r.election_timeout_max_ms
                 ),
             ));
         }
@@ -617,13 +619,16 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_timeout_below_the_heartbeat_is_named() {
+    fn a_snapshot_timeout_below_the_election_timeout_is_named() {
         let e = load_str(&format!(
-            "{MINIMAL}[raft]\nheartbeat_interval_ms = 500\ninstall_snapshot_timeout_ms = 499\n"
+            "{MINIMAL}[raft]\nelection_timeout_max_ms = 3000\ninstall_snapshot_timeout_ms = 2999\n"
         ))
         .unwrap_err();
         assert_eq!(e.key, "raft.install_snapshot_timeout_ms");
-        assert!(e.to_string().contains("heartbeat_interval_ms (500)"), "{e}");
+        assert!(
+            e.to_string().contains("election_timeout_max_ms (3000)"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -47,7 +47,10 @@ pub struct ElectRequest {
 
 /// Hands leadership to an up-to-date voter if this node is the leader. Returns the new leader's
 /// id when the hand-off was seen to complete within `bound`. From the third request on, asks
-/// are at least `pace` apart (the heartbeat interval: a voter's lease can only end that often).
+/// are at least `pace` apart: each refused round costs a term, and the other voters' leases
+/// end only `election_timeout_max_ms` after their last heartbeat, so the pace (the heartbeat
+/// interval) bounds the rounds to about lease / pace. A request that failed (unreachable,
+/// refused) is made again after `pace` even in the same term.
 pub async fn transfer_leadership(
     raft: &Raft,
     client: &HttpClient,
@@ -93,7 +96,7 @@ pub async fn transfer_leadership(
     // ago still holds its lease and rejects the vote. It then sees the candidate's higher term
     // and steps down to an uncommitted vote, which grants the second request at once. Later
     // requests wait for the pace: only other voters' leases can still be in the way.
-    let mut last_ask: Option<(u64, Instant)> = None;
+    let mut last_ask: Option<(u64, Instant, bool)> = None;
     let mut asks = 0u32;
     loop {
         let m = metrics.borrow_and_update().clone();
@@ -108,14 +111,14 @@ pub async fn transfer_leadership(
         }
         let now = Instant::now();
         let next_ask = match last_ask {
-            Some((asked_in, _)) if asked_in == m.current_term => None,
-            Some((_, at)) if asks >= 2 => Some(at + pace),
+            Some((asked_in, _, true)) if asked_in == m.current_term => None,
+            Some((asked_in, at, false)) if asked_in == m.current_term => Some(at + pace),
+            Some((_, at, _)) if asks >= 2 => Some(at + pace),
             _ => Some(now),
         };
         if next_ask.is_some_and(|at| at <= now) {
             asks += 1;
-            last_ask = Some((m.current_term, now));
-            ask_to_elect(
+            let started = ask_to_elect(
                 client,
                 &addr,
                 target,
@@ -125,6 +128,7 @@ pub async fn transfer_leadership(
                 deadline,
             )
             .await;
+            last_ask = Some((m.current_term, now, started));
             continue;
         }
         let wake = next_ask.map_or(deadline, |at| at.min(deadline));

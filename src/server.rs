@@ -303,37 +303,46 @@ pub async fn run(
 }
 
 /// Asks openraft for a snapshot whenever `raft.snapshot_threshold_messages` says one is due
-/// (see [`store::snapshot_due`]); openraft's own policy counts entries only. Runs until
-/// aborted at stop.
+/// (see [`store::snapshot_due`]); openraft's own policy counts entries only. Looks at start,
+/// after each change of the counts, and again after [`ASK_AGAIN`] while a snapshot stays due
+/// (openraft drops a request that comes while it is building one). Runs until aborted at stop.
 async fn snapshot_by_messages(raft: Raft, growth: Arc<store::MessageGrowth>, threshold: u64) {
-    /// A request openraft dropped (a build already running, say) is made again after this.
-    const ASK_AGAIN: Duration = Duration::from_secs(30);
     if threshold == 0 {
         return;
     }
-    // The snapshot size a build was last asked for at, and when: one request per snapshot.
+    // The snapshot size a build was last asked at, and when: one request per snapshot, unless
+    // it seems to have been dropped.
     let mut asked: Option<(u64, std::time::Instant)> = None;
     loop {
-        growth.changed().await;
         let (in_snapshot, since) = growth.since_snapshot();
-        if !store::snapshot_due(in_snapshot, since, threshold) {
-            continue;
+        let due = store::snapshot_due(in_snapshot, since, threshold);
+        let waiting =
+            matches!(asked, Some((at, when)) if at == in_snapshot && when.elapsed() < ASK_AGAIN);
+        if due && !waiting {
+            tracing::info!(
+                in_snapshot,
+                since,
+                "asking for a snapshot: raft.snapshot_threshold_messages reached"
+            );
+            if raft.trigger().snapshot().await.is_err() {
+                // Raft has stopped; `run` reports why.
+                return;
+            }
+            asked = Some((in_snapshot, std::time::Instant::now()));
         }
-        if matches!(asked, Some((at, when)) if at == in_snapshot && when.elapsed() < ASK_AGAIN) {
-            continue;
+        if due {
+            tokio::select! {
+                _ = growth.changed() => {}
+                _ = tokio::time::sleep(ASK_AGAIN) => {}
+            }
+        } else {
+            growth.changed().await;
         }
-        tracing::info!(
-            in_snapshot,
-            since,
-            "asking for a snapshot: raft.snapshot_threshold_messages reached"
-        );
-        if raft.trigger().snapshot().await.is_err() {
-            // Raft has stopped; `run` reports why.
-            return;
-        }
-        asked = Some((in_snapshot, std::time::Instant::now()));
     }
 }
+
+/// How long a snapshot request may go unanswered (no new snapshot) before it is made again.
+const ASK_AGAIN: Duration = Duration::from_secs(30);
 
 /// A fresh node with `join` set joins. A node whose stored membership lists it only as a
 /// learner also asks again: its earlier join was cut short before the promotion.

@@ -32,8 +32,11 @@ impl MessageGrowth {
 
     /// Messages in the newest snapshot, and messages stored after it.
     pub fn since_snapshot(&self) -> (u64, u64) {
-        let in_snapshot = self.in_snapshot.load(Ordering::Acquire);
+        // `stored` first: an install raises `in_snapshot` before `stored`, so a read across
+        // one can only undercount (and wait for the next change), never see the new state's
+        // messages against the old snapshot and ask for a needless build.
         let stored = self.stored.load(Ordering::Acquire);
+        let in_snapshot = self.in_snapshot.load(Ordering::Acquire);
         (in_snapshot, stored.saturating_sub(in_snapshot))
     }
 

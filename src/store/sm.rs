@@ -92,9 +92,15 @@ impl StateMachineStore {
         ensure_schema(&mut conn, path, SCHEMA)?;
         let (last_applied, _) = read_applied_state(&conn, path)?;
         crate::metrics::set_conv_bytes(conv_payload_bytes(&conn, path)?);
+        // An unreadable snapshot is the sender's problem when it is sent; here it only means
+        // the next snapshot is due sooner, which replaces it.
+        let in_snapshot = snapshots.current_last_message().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the newest snapshot's last message; counting from 0");
+            0
+        });
         let growth = Arc::new(MessageGrowth::new(
             last_message_index(&conn, path)?,
-            snapshots.current_last_message()?,
+            in_snapshot,
         ));
         let (tx, rx) = watch::channel(last_applied.map_or(0, |l| l.index));
         let sm = StateMachineStore {

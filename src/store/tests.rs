@@ -894,3 +894,45 @@ async fn a_committed_id_past_the_log_on_disk_waits_for_its_entry() -> TestResult
     assert_eq!(s.log.read_committed().await?, Some(lid(1, 3)));
     Ok(())
 }
+
+/// The counts behind `raft.snapshot_threshold_messages`: moved by applies, built snapshots and
+/// installs, and read back from the files when the store is opened again.
+#[tokio::test]
+async fn message_counts_follow_applies_snapshots_installs_and_reopening() -> TestResult {
+    let (ldir, mut leader) = fresh().await?;
+    let growth = leader.sm.growth();
+    assert_eq!(growth.since_snapshot(), (0, 0));
+    let mut entries = vec![membership_entry(1, 1, &[1, 2])];
+    for i in 2..=11 {
+        entries.push(post(1, i, &msg("general", &format!("m{i}"))));
+    }
+    leader.sm.apply(entries).await?;
+    assert_eq!(growth.since_snapshot(), (0, 10));
+    leader
+        .sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await?;
+    assert_eq!(growth.since_snapshot(), (10, 0));
+    leader
+        .sm
+        .apply([post(1, 12, &msg("general", "after"))])
+        .await?;
+    assert_eq!(growth.since_snapshot(), (10, 1));
+
+    // A node that installs the snapshot counts from it, whatever it held before.
+    let (_fdir, mut follower) = fresh().await?;
+    follower
+        .sm
+        .apply([post(1, 1, &msg("stale", "gone"))])
+        .await?;
+    transfer(&mut leader.sm, &mut follower.sm).await?;
+    assert_eq!(follower.sm.growth().since_snapshot(), (10, 0));
+
+    // Opened again, the store reads both counts back from messages.db and the snapshot.
+    drop(leader);
+    let reopened = open(ldir.path()).await?;
+    assert_eq!(reopened.sm.growth().since_snapshot(), (10, 1));
+    Ok(())
+}
