@@ -58,7 +58,7 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// A request must be answered (its head sent) within this time: 408 after it.
     pub request_timeout: Option<Duration>,
-    /// The largest request head; hyper answers 431 above it.
+    /// The largest request head; 431 above it (see [`events::refuse_large_head`]).
     pub max_header_bytes: usize,
     /// Names the listener in logs.
     pub name: &'static str,
@@ -211,6 +211,11 @@ impl<S: Routes> Connection<S> {
         // it takes: an idle event stream should cost its subscriber as little as possible.
         let served = match first {
             events::FirstHead::Closed => return,
+            events::FirstHead::TooLarge => {
+                Box::pin(events::refuse_large_head(io, self.options.max_header_bytes))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
             events::FirstHead::Stream(req) => {
                 let mut req = *req;
                 req.extensions_mut().insert(ClientAddr(remote));

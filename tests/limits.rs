@@ -92,6 +92,15 @@ async fn slow_idle_and_oversized_requests_are_cut_off() {
         .unwrap();
     let (answer, _) = read_until_closed(&mut s, Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{answer:?}"
+    );
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let err: serde_json::Value = serde_json::from_str(body).expect("a JSON error body");
+    assert_eq!(err["error"]["code"], "header_too_large", "{answer:?}");
 
     // A client that starts a head and stalls, and one that connects and says nothing, and one
     // that finishes a request and then idles: each connection is closed once the header read

@@ -10,9 +10,10 @@
 //! connection closes when the stream ends (`connection: close` says so up front).
 //!
 //! Every other connection is handed to hyper with its first head put back in front of the
-//! socket ([`Rewind`]), so hyper parses it exactly as if it had read it itself: its own
-//! head-size limit (431) and errors apply unchanged, and the first head is bounded by the same
-//! head read timeout as every later one.
+//! socket ([`Rewind`]), so hyper parses it exactly as if it had read it itself, and the first
+//! head is bounded by the same head read timeout as every later one. A first head above the
+//! size limit is answered here, with 431 in the API's error shape ([`refuse_large_head`]);
+//! hyper answers one on a later request of the connection, with a bare 431.
 
 use std::convert::Infallible;
 use std::io::{self, IoSlice};
@@ -40,14 +41,16 @@ pub(super) enum FirstHead {
     Stream(Box<Request<Empty<Bytes>>>),
     /// Anything else: the bytes read so far, for hyper to parse.
     Other(Bytes),
+    /// A head larger than the limit (complete or not): refused with 431.
+    TooLarge,
     /// The client closed the connection before sending a byte.
     Closed,
 }
 
 /// Reads the connection's first request head, whole, and tells whether it opens an event
-/// stream on `path`. Any other head is handed on complete (or at `max_head_bytes`, for hyper
-/// to refuse with 431), so the head read timeout the caller puts around this bounds the
-/// client's first head exactly as it bounds the later ones in hyper.
+/// stream on `path`, is too large, or is any other request (handed on complete), so the head
+/// read timeout the caller puts around this bounds the client's first head exactly as it
+/// bounds the later ones in hyper.
 pub(super) async fn read_first_head<IO>(
     io: &mut IO,
     path: &str,
@@ -69,9 +72,8 @@ where
         match classify(&buf, path, max_head_bytes) {
             Classified::NotStream => return Ok(FirstHead::Other(buf.freeze())),
             Classified::Stream(req) => return Ok(FirstHead::Stream(req)),
-            Classified::Partial if buf.len() >= max_head_bytes => {
-                return Ok(FirstHead::Other(buf.freeze()))
-            }
+            Classified::TooLarge => return Ok(FirstHead::TooLarge),
+            Classified::Partial if buf.len() >= max_head_bytes => return Ok(FirstHead::TooLarge),
             Classified::Partial => {
                 if buf.capacity() == buf.len() {
                     buf.reserve(buf.len().min(max_head_bytes - buf.len()));
@@ -84,6 +86,7 @@ where
 enum Classified {
     Stream(Box<Request<Empty<Bytes>>>),
     NotStream,
+    TooLarge,
     Partial,
 }
 
@@ -92,9 +95,9 @@ fn classify(buf: &[u8], path: &str, max_head_bytes: usize) -> Classified {
     let mut parsed = httparse::Request::new(&mut headers);
     match parsed.parse(buf) {
         Ok(httparse::Status::Partial) => Classified::Partial,
-        // Bytes after the head would be a body or a pipelined request: hyper handles those,
-        // and a head above the limit, which it refuses.
-        Ok(httparse::Status::Complete(len)) if len == buf.len() && len <= max_head_bytes => {
+        Ok(httparse::Status::Complete(len)) if len > max_head_bytes => Classified::TooLarge,
+        // Bytes after the head would be a body or a pipelined request: hyper handles those.
+        Ok(httparse::Status::Complete(len)) if len == buf.len() => {
             let is_stream = parsed.method == Some("GET")
                 && parsed.path.is_some_and(|p| {
                     p.strip_prefix(path)
@@ -202,6 +205,47 @@ where
             }
         }
     }
+}
+
+/// Answers a first head above `max_head_bytes` with 431 in the API's error shape, then
+/// closes the connection. The rest of the head is read and dropped for a moment after the
+/// answer, so that closing with unread bytes (a reset) does not destroy the answer before the
+/// client has read it.
+pub(super) async fn refuse_large_head<IO>(mut io: IO, max_head_bytes: usize) -> io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    /// Bounds on what is read and dropped after the answer.
+    const DRAIN_BYTES: usize = 1 << 20;
+    const DRAIN_TIME: Duration = Duration::from_secs(2);
+    let resp = warp::Reply::into_response(crate::api::ApiError::new(
+        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "header_too_large",
+        format!("the request head is larger than {max_head_bytes} bytes (api.max_header_bytes)"),
+    ));
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    io.write_all(&response_head(&parts, Some(body.len() as u64)))
+        .await?;
+    io.write_all(&body).await?;
+    io.flush().await?;
+    io.shutdown().await?;
+    let drain = async {
+        let mut scratch = [0u8; 4096];
+        let mut dropped = 0;
+        while dropped < DRAIN_BYTES {
+            match io.read(&mut scratch).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => dropped += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+    Ok(())
 }
 
 /// The response's status line and headers, with what hyper would add: `date`, and
@@ -366,14 +410,19 @@ mod tests {
                 Classified::NotStream
             ));
         }
-        // A complete head above the limit goes to hyper, which answers 431.
+        // A complete head above the limit is refused, whatever its path.
         let head = format!(
             "GET /api/v1/stream HTTP/1.1\r\nX-Big: {}\r\n\r\n",
             "x".repeat(100)
         );
         assert!(matches!(
             classify(head.as_bytes(), PATH, 64),
-            Classified::NotStream
+            Classified::TooLarge
+        ));
+        let other = head.replace("/api/v1/stream", "/healthz");
+        assert!(matches!(
+            classify(other.as_bytes(), PATH, 64),
+            Classified::TooLarge
         ));
         assert!(matches!(
             classify(head.as_bytes(), PATH, 16384),
