@@ -58,7 +58,9 @@ pub struct ServeOptions {
     pub header_read_timeout: Duration,
     /// A request must be answered (its head sent) within this time: 408 after it.
     pub request_timeout: Option<Duration>,
-    /// The largest request head; 431 above it (see [`events::refuse_large_head`]).
+    /// The largest request head; 431 above it: in the API's error shape for a connection's
+    /// first head where its first head is read here ([`events::refuse_large_head`]), from
+    /// hyper (no body) otherwise.
     pub max_header_bytes: usize,
     /// Names the listener in logs.
     pub name: &'static str,
@@ -212,6 +214,8 @@ impl<S: Routes> Connection<S> {
         let served = match first {
             events::FirstHead::Closed => return,
             events::FirstHead::TooLarge => {
+                // Answered and closed here: a stop need not wait for its drain.
+                drop(watcher);
                 Box::pin(events::refuse_large_head(io, self.options.max_header_bytes))
                     .await
                     .map_err(|e| e.to_string())

@@ -90,14 +90,18 @@ async fn slow_idle_and_oversized_requests_are_cut_off() {
     s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n").as_bytes())
         .await
         .unwrap();
-    let (answer, _) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
     assert!(
-        answer
-            .to_ascii_lowercase()
-            .contains("content-type: application/json"),
+        closed,
+        "the connection stays open after the 431: {answer:?}"
+    );
+    let lower = answer.to_ascii_lowercase();
+    assert!(
+        lower.contains("content-type: application/json"),
         "{answer:?}"
     );
+    assert!(lower.contains("connection: close"), "{answer:?}");
     let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     let err: serde_json::Value = serde_json::from_str(body).expect("a JSON error body");
     assert_eq!(err["error"]["code"], "header_too_large", "{answer:?}");

@@ -110,8 +110,20 @@ fn classify(buf: &[u8], path: &str, max_head_bytes: usize) -> Classified {
                 Classified::NotStream
             }
         }
+        // More header lines than parsed here: not a stream request, but the head's size
+        // still decides whether it is refused here or handed to hyper.
+        Err(httparse::Error::TooManyHeaders) => match find_head_end(buf) {
+            Some(len) if len > max_head_bytes => Classified::TooLarge,
+            Some(_) => Classified::NotStream,
+            None => Classified::Partial,
+        },
         Ok(httparse::Status::Complete(_)) | Err(_) => Classified::NotStream,
     }
+}
+
+/// The length of the head at the start of `buf` (through its blank line), if it is all there.
+fn find_head_end(buf: &[u8]) -> Option<usize> {
+    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
 /// The parsed head as a request for the routes; `None` for anything this path does not
@@ -375,6 +387,62 @@ mod tests {
     use super::*;
 
     const PATH: &str = "/api/v1/stream";
+
+    #[test]
+    fn the_head_size_limit_is_exact_and_counts_the_head_alone() {
+        let head = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+        let len = head.len();
+        assert!(matches!(classify(head, PATH, len), Classified::NotStream));
+        assert!(matches!(
+            classify(head, PATH, len - 1),
+            Classified::TooLarge
+        ));
+        // A body read along with the head does not count toward the limit.
+        let with_body = b"POST /api/v1/message HTTP/1.1\r\ncontent-length: 40\r\n\r\n";
+        let mut buf = with_body.to_vec();
+        buf.extend_from_slice(&[b'x'; 40]);
+        assert!(matches!(
+            classify(&buf, PATH, with_body.len()),
+            Classified::NotStream
+        ));
+    }
+
+    #[test]
+    fn a_head_with_many_header_lines_is_judged_by_its_size() {
+        let mut head = String::from("GET /healthz HTTP/1.1\r\n");
+        for i in 0..MAX_HEADERS + 6 {
+            head.push_str(&format!("X-H{i}: v\r\n"));
+        }
+        let partial = head.clone();
+        head.push_str("\r\n");
+        assert!(matches!(
+            classify(head.as_bytes(), PATH, 16384),
+            Classified::NotStream
+        ));
+        assert!(matches!(
+            classify(head.as_bytes(), PATH, head.len() - 1),
+            Classified::TooLarge
+        ));
+        assert!(matches!(
+            classify(partial.as_bytes(), PATH, 16384),
+            Classified::Partial
+        ));
+    }
+
+    #[tokio::test]
+    async fn an_unfinished_head_that_reaches_the_limit_is_too_large() {
+        let unfinished = format!("GET /healthz HTTP/1.1\r\nX-Big: {}", "x".repeat(200));
+        let mut io = unfinished.as_bytes();
+        let first = read_first_head(&mut io, PATH, 100).await.expect("reading");
+        assert!(matches!(first, FirstHead::TooLarge));
+        // Under the limit, the same bytes are simply not a whole head yet: what was read
+        // goes to hyper when the client stops sending.
+        let mut io = unfinished.as_bytes();
+        let first = read_first_head(&mut io, PATH, 16384)
+            .await
+            .expect("reading");
+        assert!(matches!(first, FirstHead::Other(b) if b.len() == unfinished.len()));
+    }
 
     #[test]
     fn a_stream_request_is_recognised_with_its_headers() {
