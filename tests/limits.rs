@@ -41,6 +41,26 @@ async fn read_until_closed(stream: &mut TcpStream, deadline: Duration) -> (Strin
     }
 }
 
+/// Checks a whole answer read until the server closed: `status_line`, a JSON error body with
+/// `code` and its exact length, and `connection: close`.
+fn assert_closing_error(answer: &str, closed: bool, status_line: &str, code: &str) {
+    assert!(closed, "the connection stayed open: {answer:?}");
+    assert!(answer.starts_with(status_line), "{answer:?}");
+    let lower = answer.to_ascii_lowercase();
+    assert!(
+        lower.contains("content-type: application/json\r\n"),
+        "{answer:?}"
+    );
+    assert!(lower.contains("connection: close\r\n"), "{answer:?}");
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    assert!(
+        lower.contains(&format!("content-length: {}\r\n", body.len())),
+        "{answer:?}"
+    );
+    let err: serde_json::Value = serde_json::from_str(body).expect("a JSON error body");
+    assert_eq!(err["error"]["code"], code, "{answer:?}");
+}
+
 /// Reads one response head (up to the blank line) within `deadline`.
 async fn read_head(stream: &mut TcpStream, deadline: Duration) -> String {
     let end = Instant::now() + deadline;
@@ -91,20 +111,12 @@ async fn slow_idle_and_oversized_requests_are_cut_off() {
         .await
         .unwrap();
     let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
-    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:?}");
-    assert!(
+    assert_closing_error(
+        &answer,
         closed,
-        "the connection stays open after the 431: {answer:?}"
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n",
+        "header_too_large",
     );
-    let lower = answer.to_ascii_lowercase();
-    assert!(
-        lower.contains("content-type: application/json"),
-        "{answer:?}"
-    );
-    assert!(lower.contains("connection: close"), "{answer:?}");
-    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let err: serde_json::Value = serde_json::from_str(body).expect("a JSON error body");
-    assert_eq!(err["error"]["code"], "header_too_large", "{answer:?}");
 
     // A client that starts a head and stalls, and one that connects and says nothing, and one
     // that finishes a request and then idles: each connection is closed once the header read
@@ -248,23 +260,12 @@ async fn event_streams_and_other_requests_share_the_listener() {
         .await
         .unwrap();
     let (answer, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
-    assert!(closed, "the connection stayed open: {answer:?}");
-    assert!(
-        answer.starts_with("HTTP/1.1 400 Bad Request\r\n"),
-        "{answer:?}"
+    assert_closing_error(
+        &answer,
+        closed,
+        "HTTP/1.1 400 Bad Request\r\n",
+        "invalid_field",
     );
-    let lower = answer.to_ascii_lowercase();
-    assert!(
-        lower.contains("content-type: application/json\r\n"),
-        "{answer:?}"
-    );
-    assert!(lower.contains("connection: close\r\n"), "{answer:?}");
-    let body = answer.split("\r\n\r\n").nth(1).unwrap();
-    assert!(
-        lower.contains(&format!("content-length: {}\r\n", body.len())),
-        "{answer:?}"
-    );
-    assert!(body.contains("\"code\":\"invalid_field\""), "{body}");
 
     // A stream, its head sent in pieces: chunked events as messages are committed.
     let mut stream = connect_from("127.0.0.1", &addr).await;

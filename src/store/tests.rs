@@ -121,6 +121,13 @@ async fn dump(
     Ok(out)
 }
 
+/// Builds a snapshot of `sm` as openraft would.
+async fn build_snapshot(
+    sm: &mut StateMachineStore,
+) -> Result<openraft::Snapshot<TypeConfig>, StorageError> {
+    sm.get_snapshot_builder().await.build_snapshot().await
+}
+
 /// Names of the files in `snapshots/`.
 fn snapshot_files(dir: &TempDir) -> Result<Vec<String>, Box<dyn Error>> {
     let mut names = Vec::new();
@@ -351,7 +358,7 @@ async fn reopening_keeps_everything() -> TestResult {
     s.log.blocking_append(entries.clone()).await?;
     s.log.save_committed(Some(lid(3, 10))).await?;
     s.sm.apply(entries.clone()).await?;
-    let snap = s.sm.get_snapshot_builder().await.build_snapshot().await?;
+    let snap = build_snapshot(&mut s.sm).await?;
     s.log.purge(lid(3, 4)).await?;
     // The committed index rides along with the next transaction the writer makes: the purge.
     assert_eq!(s.log.commit_index_handle().load(Ordering::Acquire), 10);
@@ -420,12 +427,7 @@ async fn snapshot_installed_on_a_fresh_store_gives_identical_state() -> TestResu
         entries.push(post(2, i, &m));
     }
     leader.sm.apply(entries).await?;
-    leader
-        .sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await?;
+    build_snapshot(&mut leader.sm).await?;
 
     // The follower has state of its own that the snapshot must replace entirely.
     let (fdir, mut follower) = fresh().await?;
@@ -475,12 +477,7 @@ async fn bad_snapshots_are_refused_and_state_is_kept() -> TestResult {
             post(1, 2, &msg("general", "real")),
         ])
         .await?;
-    leader
-        .sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await?;
+    build_snapshot(&mut leader.sm).await?;
     let good = leader
         .sm
         .get_current_snapshot()
@@ -603,9 +600,9 @@ async fn a_newer_snapshot_replaces_the_older_one() -> TestResult {
         post(1, 2, &msg("general", "a")),
     ])
     .await?;
-    let first = s.sm.get_snapshot_builder().await.build_snapshot().await?;
+    let first = build_snapshot(&mut s.sm).await?;
     s.sm.apply([post(1, 3, &msg("general", "b"))]).await?;
-    let second = s.sm.get_snapshot_builder().await.build_snapshot().await?;
+    let second = build_snapshot(&mut s.sm).await?;
     assert_eq!(first.meta.last_log_id, Some(lid(1, 2)));
     assert_eq!(second.meta.last_log_id, Some(lid(1, 3)));
     let id = &second.meta.snapshot_id;
@@ -672,12 +669,7 @@ async fn a_snapshot_behind_the_state_machine_is_refused() -> TestResult {
             post(1, 2, &msg("general", "a")),
         ])
         .await?;
-    leader
-        .sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await?;
+    build_snapshot(&mut leader.sm).await?;
 
     let (_fdir, mut follower) = fresh().await?;
     let entries = [
@@ -827,12 +819,7 @@ async fn a_snapshot_install_empties_the_live_windows() -> TestResult {
         .map(|i| post(1, i, &msg("general", &format!("m{i}"))))
         .collect();
     leader.sm.apply(entries).await?;
-    leader
-        .sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await?;
+    build_snapshot(&mut leader.sm).await?;
 
     let (_fdir, mut follower) = fresh().await?;
     let sub = follower.reader.tail().subscribe("general");
@@ -908,12 +895,7 @@ async fn message_counts_follow_applies_snapshots_installs_and_reopening() -> Tes
     }
     leader.sm.apply(entries).await?;
     assert_eq!(growth.since_snapshot(), (0, 10));
-    leader
-        .sm
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await?;
+    build_snapshot(&mut leader.sm).await?;
     assert_eq!(growth.since_snapshot(), (10, 0));
     leader
         .sm
