@@ -165,15 +165,29 @@ pub(crate) fn read_applied_state(
             source,
         }
     };
-    let last_applied = match get(KEY_LAST_APPLIED)? {
-        Some(json) => Some(serde_json::from_str(&json).map_err(decode_err(KEY_LAST_APPLIED))?),
-        None => None,
-    };
+    let last_applied = read_last_applied(conn, path)?;
     let membership = match get(KEY_MEMBERSHIP)? {
         Some(json) => serde_json::from_str(&json).map_err(decode_err(KEY_MEMBERSHIP))?,
         None => StoredMembership::default(),
     };
     Ok((last_applied, membership))
+}
+
+/// Reads `last_applied` alone (every apply does; the membership is read only at open).
+fn read_last_applied(conn: &Connection, path: &Path) -> Result<Option<LogId>, StoreError> {
+    let json: Option<String> = conn
+        .prepare_cached("SELECT value FROM sm_meta WHERE key = ?1")
+        .at(path)?
+        .query_row([KEY_LAST_APPLIED], |r| r.get(0))
+        .optional()
+        .at(path)?;
+    json.map(|json| serde_json::from_str(&json))
+        .transpose()
+        .map_err(|source| StoreError::Serde {
+            what: KEY_LAST_APPLIED,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 fn put_sm_meta<T: serde::Serialize>(
@@ -241,81 +255,148 @@ pub(crate) fn last_message_index(conn: &Connection, path: &Path) -> Result<u64, 
     from_sql(last.unwrap_or(0), "message index", path)
 }
 
-/// Stores one message. `last_index` is the global index of the last stored message; it moves
-/// on by one when this one is stored.
-fn apply_post(
-    tx: &Transaction<'_>,
-    path: &Path,
-    log_id: &LogId,
-    last_index: &mut u64,
-    msg: NewMessage,
-) -> Result<Response, StoreError> {
-    // De-duplication: a msg_id is stored at most once, whatever the retries.
-    if let Some(existing) = record_by_msg_id(tx, path, msg.msg_id)? {
-        return Ok(if msg.same_content(&existing) {
-            Response::Duplicate(existing)
-        } else {
-            Response::Conflict(existing)
-        });
+/// Stores the messages of one apply transaction.
+///
+/// Built once per transaction: the statements are looked up once (not per message), and each
+/// conversation's counters are kept here and written once at [`Applier::finish`] instead of
+/// once per message.
+struct Applier<'t> {
+    tx: &'t Transaction<'t>,
+    path: &'t Path,
+    /// `INSERT INTO messages ... ON CONFLICT (msg_id) DO NOTHING`: the UNIQUE check on
+    /// `msg_id` is the de-duplication lookup, so a new message costs no separate SELECT.
+    insert: rusqlite::CachedStatement<'t>,
+    /// `last_seq` of a conversation not yet touched in this transaction.
+    last_seq: rusqlite::CachedStatement<'t>,
+    /// The global index of the last stored message.
+    last_index: u64,
+    /// (last seq, last index) of each conversation stored to in this transaction.
+    convs: HashMap<String, (u64, u64)>,
+}
+
+impl<'t> Applier<'t> {
+    fn new(tx: &'t Transaction<'t>, path: &'t Path) -> Result<Applier<'t>, StoreError> {
+        Ok(Applier {
+            tx,
+            path,
+            insert: tx
+                .prepare_cached(
+                    "INSERT INTO messages
+                         (idx, conv_id, seq, term, msg_id, sender, payload, vector_clock,
+                          committed_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                     ON CONFLICT (msg_id) DO NOTHING",
+                )
+                .at(path)?,
+            last_seq: tx
+                .prepare_cached("SELECT last_seq FROM conversations WHERE conv_id = ?1")
+                .at(path)?,
+            last_index: last_message_index(tx, path)?,
+            convs: HashMap::new(),
+        })
     }
-    let last_seq: Option<i64> = tx
-        .prepare_cached("SELECT last_seq FROM conversations WHERE conv_id = ?1")
-        .at(path)?
-        .query_row([&msg.conv_id], |r| r.get(0))
-        .optional()
-        .at(path)?;
-    let seq = from_sql(last_seq.unwrap_or(0), "last_seq", path)? + 1;
-    let seq_sql = to_sql(seq, "seq", path)?;
-    let index = *last_index + 1;
-    let idx = to_sql(index, "message index", path)?;
-    let term = to_sql(log_id.leader_id.term, "term", path)?;
-    let clock_json = match &msg.vector_clock {
-        Some(vc) => Some(
-            serde_json::to_string(vc).map_err(|source| StoreError::Serde {
-                what: "vector_clock",
-                path: path.to_path_buf(),
-                source,
-            })?,
-        ),
-        None => None,
-    };
-    tx.prepare_cached(
-        "INSERT INTO messages
-             (idx, conv_id, seq, term, msg_id, sender, payload, vector_clock, committed_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )
-    .at(path)?
-    .execute(rusqlite::params![
-        idx,
-        msg.conv_id,
-        seq_sql,
-        term,
-        msg.msg_id.to_string(),
-        msg.sender,
-        msg.payload,
-        clock_json,
-        msg.committed_at_ms,
-    ])
-    .at(path)?;
-    tx.prepare_cached(
-        "INSERT INTO conversations (conv_id, last_seq, last_index) VALUES (?1, ?2, ?3)
-         ON CONFLICT (conv_id) DO UPDATE SET last_seq = excluded.last_seq, last_index = excluded.last_index",
-    )
-    .at(path)?
-    .execute((&msg.conv_id, seq_sql, idx))
-    .at(path)?;
-    *last_index = index;
-    Ok(Response::Stored(Record {
-        index,
-        seq,
-        term: log_id.leader_id.term,
-        conv_id: msg.conv_id,
-        msg_id: msg.msg_id,
-        sender: msg.sender,
-        payload: msg.payload,
-        vector_clock: msg.vector_clock,
-        committed_at: format_millis(msg.committed_at_ms),
-    }))
+
+    /// The seq the next message of `conv_id` gets.
+    fn next_seq(&mut self, conv_id: &str) -> Result<u64, StoreError> {
+        if let Some((seq, _)) = self.convs.get(conv_id) {
+            return Ok(seq + 1);
+        }
+        let last: Option<i64> = self
+            .last_seq
+            .query_row([conv_id], |r| r.get(0))
+            .optional()
+            .at(self.path)?;
+        Ok(from_sql(last.unwrap_or(0), "last_seq", self.path)? + 1)
+    }
+
+    /// Stores one message, or answers with the stored one when its `msg_id` is taken.
+    fn post(&mut self, log_id: &LogId, msg: NewMessage) -> Result<Response, StoreError> {
+        let path = self.path;
+        let seq = self.next_seq(&msg.conv_id)?;
+        let index = self.last_index + 1;
+        let clock_json = match &msg.vector_clock {
+            Some(vc) => Some(
+                serde_json::to_string(vc).map_err(|source| StoreError::Serde {
+                    what: "vector_clock",
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let mut id_buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let msg_id: &str = msg.msg_id.hyphenated().encode_lower(&mut id_buf);
+        let inserted = self
+            .insert
+            .execute(rusqlite::params![
+                to_sql(index, "message index", path)?,
+                msg.conv_id,
+                to_sql(seq, "seq", path)?,
+                to_sql(log_id.leader_id.term, "term", path)?,
+                msg_id,
+                msg.sender,
+                msg.payload,
+                clock_json,
+                msg.committed_at_ms,
+            ])
+            .at(path)?;
+        if inserted == 0 {
+            // De-duplication: a msg_id is stored at most once, whatever the retries.
+            let existing = record_by_msg_id(self.tx, path, msg.msg_id)?.ok_or_else(|| {
+                StoreError::invalid(
+                    path,
+                    format!("msg_id {} neither new nor stored", msg.msg_id),
+                )
+            })?;
+            return Ok(if msg.same_content(&existing) {
+                Response::Duplicate(existing)
+            } else {
+                Response::Conflict(existing)
+            });
+        }
+        self.last_index = index;
+        match self.convs.get_mut(&msg.conv_id) {
+            Some(c) => *c = (seq, index),
+            None => {
+                self.convs.insert(msg.conv_id.clone(), (seq, index));
+            }
+        }
+        Ok(Response::Stored(Record {
+            index,
+            seq,
+            term: log_id.leader_id.term,
+            conv_id: msg.conv_id,
+            msg_id: msg.msg_id,
+            sender: msg.sender,
+            payload: msg.payload,
+            vector_clock: msg.vector_clock,
+            committed_at: format_millis(msg.committed_at_ms),
+        }))
+    }
+
+    /// Writes the counters of every conversation stored to; returns the global index of the
+    /// last stored message.
+    fn finish(self) -> Result<u64, StoreError> {
+        let path = self.path;
+        let mut upsert = self
+            .tx
+            .prepare_cached(
+                "INSERT INTO conversations (conv_id, last_seq, last_index) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (conv_id) DO UPDATE
+                 SET last_seq = excluded.last_seq, last_index = excluded.last_index",
+            )
+            .at(path)?;
+        for (conv_id, (seq, index)) in &self.convs {
+            upsert
+                .execute((
+                    conv_id,
+                    to_sql(*seq, "seq", path)?,
+                    to_sql(*index, "message index", path)?,
+                ))
+                .at(path)?;
+        }
+        Ok(self.last_index)
+    }
 }
 
 impl SmShared {
@@ -325,10 +406,10 @@ impl SmShared {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .at(path)?;
-        let (mut last_applied, _) = read_applied_state(&tx, path)?;
-        let mut last_index = last_message_index(&tx, path)?;
+        let mut last_applied = read_last_applied(&tx, path)?;
         let mut responses = Vec::with_capacity(entries.len());
         let mut added_bytes = Vec::new();
+        let mut applier = Applier::new(&tx, path)?;
         for entry in entries {
             // Applying an entry twice would be an openraft bug; refuse instead of guessing.
             if let Some(prev) = last_applied {
@@ -346,13 +427,11 @@ impl SmShared {
                     put_sm_meta(&tx, path, KEY_MEMBERSHIP, &stored)?;
                     Response::None
                 }
-                EntryPayload::Normal(Request::Post(msg)) => {
-                    apply_post(&tx, path, &entry.log_id, &mut last_index, msg)?
-                }
+                EntryPayload::Normal(Request::Post(msg)) => applier.post(&entry.log_id, msg)?,
                 EntryPayload::Normal(Request::Batch(msgs)) => {
                     let mut out = Vec::with_capacity(msgs.len());
                     for msg in msgs {
-                        out.push(apply_post(&tx, path, &entry.log_id, &mut last_index, msg)?);
+                        out.push(applier.post(&entry.log_id, msg)?);
                     }
                     Response::Batch(out)
                 }
@@ -361,6 +440,7 @@ impl SmShared {
             responses.push(response);
             last_applied = Some(entry.log_id);
         }
+        let last_index = applier.finish()?;
         if let Some(last) = last_applied {
             // Durability: last_applied is written in the same transaction as the rows, so after
             // a crash the database holds both or neither; no entry is lost or applied twice.
