@@ -32,8 +32,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{
-    blocking, ensure_schema, lock, open_live, put_json, to_sql, Access, KvTable, SqlContext,
-    StoreError,
+    blocking, ensure_schema, get_json, lock, open_live, put_json, to_sql, Access, KvTable,
+    SqlContext, StoreError,
 };
 use crate::types::{Entry, LogId, NewMessage, NodeId, Request, StorageError, TypeConfig};
 
@@ -191,17 +191,7 @@ fn get_meta<T: DeserializeOwned>(
     path: &Path,
     key: &'static str,
 ) -> Result<Option<T>, StoreError> {
-    let raw: Option<String> = conn
-        .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
-        .optional()
-        .at(path)?;
-    raw.map(|s| serde_json::from_str(&s))
-        .transpose()
-        .map_err(|source| StoreError::Serde {
-            what: key,
-            path: path.to_path_buf(),
-            source,
-        })
+    get_json(conn, path, KvTable::Log, key)
 }
 
 fn put_meta<T: Serialize>(

@@ -48,7 +48,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 
 pub use self::growth::{snapshot_due, MessageGrowth};
 pub use self::log::LogStore;
@@ -274,6 +274,32 @@ pub(crate) fn ensure_schema(
 pub(crate) enum KvTable {
     Log,
     StateMachine,
+}
+
+/// The JSON value of `key` in one of the key/value tables, decoded; `None` when unset.
+pub(crate) fn get_json<T: serde::de::DeserializeOwned>(
+    conn: &Connection,
+    path: &Path,
+    table: KvTable,
+    key: &'static str,
+) -> Result<Option<T>, StoreError> {
+    let sql = match table {
+        KvTable::Log => "SELECT value FROM meta WHERE key = ?1",
+        KvTable::StateMachine => "SELECT value FROM sm_meta WHERE key = ?1",
+    };
+    let raw: Option<String> = conn
+        .prepare_cached(sql)
+        .at(path)?
+        .query_row([key], |r| r.get(0))
+        .optional()
+        .at(path)?;
+    raw.map(|s| serde_json::from_str(&s))
+        .transpose()
+        .map_err(|source| StoreError::Serde {
+            what: key,
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// Sets `key` to `value`, as JSON, in one of the key/value tables.

@@ -16,8 +16,8 @@ use super::growth::MessageGrowth;
 use super::reader::record_by_msg_id;
 use super::snapshot::{self, SnapshotBuilder, SnapshotDir, TempFile};
 use super::{
-    blocking, ensure_schema, from_sql, lock, open_live, put_json, sql_path, sync_database, to_sql,
-    Access, KvTable, SqlContext, StoreError,
+    blocking, ensure_schema, from_sql, get_json, lock, open_live, put_json, sql_path,
+    sync_database, to_sql, Access, KvTable, SqlContext, StoreError,
 };
 use crate::fanout::Tail;
 use crate::types::{
@@ -151,43 +151,15 @@ pub(crate) fn read_applied_state(
     conn: &Connection,
     path: &Path,
 ) -> Result<(Option<LogId>, StoredMembership), StoreError> {
-    let get = |key: &'static str| -> Result<Option<String>, StoreError> {
-        conn.query_row("SELECT value FROM sm_meta WHERE key = ?1", [key], |r| {
-            r.get(0)
-        })
-        .optional()
-        .at(path)
-    };
-    let decode_err = |what: &'static str| {
-        move |source| StoreError::Serde {
-            what,
-            path: path.to_path_buf(),
-            source,
-        }
-    };
     let last_applied = read_last_applied(conn, path)?;
-    let membership = match get(KEY_MEMBERSHIP)? {
-        Some(json) => serde_json::from_str(&json).map_err(decode_err(KEY_MEMBERSHIP))?,
-        None => StoredMembership::default(),
-    };
+    let membership =
+        get_json(conn, path, KvTable::StateMachine, KEY_MEMBERSHIP)?.unwrap_or_default();
     Ok((last_applied, membership))
 }
 
 /// Reads `last_applied` alone (every apply does; the membership is read only at open).
 fn read_last_applied(conn: &Connection, path: &Path) -> Result<Option<LogId>, StoreError> {
-    let json: Option<String> = conn
-        .prepare_cached("SELECT value FROM sm_meta WHERE key = ?1")
-        .at(path)?
-        .query_row([KEY_LAST_APPLIED], |r| r.get(0))
-        .optional()
-        .at(path)?;
-    json.map(|json| serde_json::from_str(&json))
-        .transpose()
-        .map_err(|source| StoreError::Serde {
-            what: KEY_LAST_APPLIED,
-            path: path.to_path_buf(),
-            source,
-        })
+    get_json(conn, path, KvTable::StateMachine, KEY_LAST_APPLIED)
 }
 
 fn put_sm_meta<T: serde::Serialize>(
