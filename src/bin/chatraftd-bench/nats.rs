@@ -49,7 +49,9 @@ const SYNC_ALWAYS: &str = "sync_interval: always";
 /// one consumer per fan-out subscriber.
 const MANY_CONSUMERS: &str = "limits { default_max_consumers: 1000000 }";
 
-/// Whether `bin` takes `setting` in its `jetstream` block, checked with its own config test.
+/// Whether `bin` takes `setting` in its `jetstream` block, checked with its own config test:
+/// it does when the test passes, it does not when the test names an unknown field, and any
+/// other failure is an error (a server that cannot even test a config would not run either).
 fn takes(bin: &Path, dir: &Path, setting: &str) -> Result<bool, String> {
     let path = dir.join("probe.conf");
     let conf = format!(
@@ -63,7 +65,25 @@ fn takes(bin: &Path, dir: &Path, setting: &str) -> Result<bool, String> {
         .arg(&path)
         .output()
         .map_err(|e| format!("{}: {e}", bin.display()))?;
-    Ok(out.status.success())
+    if out.status.success() {
+        return Ok(true);
+    }
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if said.contains("unknown field") {
+        Ok(false)
+    } else {
+        Err(format!(
+            "{} -t -c {} failed ({}): {}",
+            bin.display(),
+            path.display(),
+            out.status,
+            said.trim()
+        ))
+    }
 }
 
 impl Nats {
@@ -407,12 +427,13 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    /// A stand-in server whose config test passes when the file holds `accepted` and fails
-    /// otherwise, and which fails anything but `-t -c FILE`.
+    /// A stand-in server whose config test passes when the file holds `accepted` and names an
+    /// unknown field otherwise, and which fails anything but `-t -c FILE` differently.
     fn fake_server(dir: &Path, accepted: &str) -> std::path::PathBuf {
         let path = dir.join("fake-nats");
         let script = format!(
-            "#!/bin/sh\n[ \"$1\" = -t ] && [ \"$2\" = -c ] && grep -qF '{accepted}' \"$3\" && exit 0\nexit 1\n"
+            "#!/bin/sh\n[ \"$1\" = -t ] && [ \"$2\" = -c ] || {{ echo 'bad call' >&2; exit 1; }}\n\
+             grep -qF '{accepted}' \"$3\" && exit 0\necho \"$3:2:30: unknown field\" >&2\nexit 1\n"
         );
         std::fs::write(&path, script).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -428,5 +449,11 @@ mod tests {
         let old = fake_server(dir.path(), "nothing of the kind");
         assert!(!takes(&old, dir.path(), SYNC_ALWAYS).unwrap());
         assert!(takes(&dir.path().join("missing"), dir.path(), SYNC_ALWAYS).is_err());
+        // A failure that names no unknown field is not taken for an old server.
+        let broken = dir.path().join("broken-nats");
+        std::fs::write(&broken, "#!/bin/sh\necho 'permission denied' >&2\nexit 1\n").unwrap();
+        std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let err = takes(&broken, dir.path(), SYNC_ALWAYS).unwrap_err();
+        assert!(err.contains("permission denied"), "{err}");
     }
 }
