@@ -66,6 +66,10 @@ pub struct ApiConfig {
     pub request_timeout_ms: u64,
     /// The largest request head (request line and all headers) accepted (431 above it).
     pub max_header_bytes: usize,
+    /// Client connections held open at once (event streams included); a connection above it
+    /// is answered `503 too_many_connections` and closed. Keeps a flood of idle connections
+    /// from using up the process's file descriptors, which Raft and SQLite need too.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -176,6 +180,7 @@ impl Default for Config {
                 header_read_timeout_ms: 10_000,
                 request_timeout_ms: 30_000,
                 max_header_bytes: 16 * 1024,
+                max_connections: 30_000,
             },
             raft: RaftConfig {
                 listen: "127.0.0.1:12001".into(),
@@ -398,6 +403,15 @@ impl Config {
                 "max_subscribers and max_subscribers_per_address must be above 0".into(),
             ));
         }
+        if self.api.max_connections <= l.max_subscribers {
+            return Err(err(
+                "api.max_connections",
+                format!(
+                    "must be above limits.max_subscribers ({}): each event stream holds a connection, and writers need some too",
+                    l.max_subscribers
+                ),
+            ));
+        }
         if l.max_body_bytes < l.max_payload_bytes as u64 {
             return Err(err(
                 "limits.max_body_bytes",
@@ -616,6 +630,24 @@ mod tests {
         assert!(e.to_string().contains(r#"key `""`"#), "{e}");
         let e = load_str(&format!("{MINIMAL}[api]\n\"a\\\"b\\u0001\" = 1\n")).unwrap_err();
         assert_eq!(e.key, r#"api."a\"b\u0001""#);
+    }
+
+    #[test]
+    fn a_connection_cap_at_or_below_the_subscriber_cap_is_named() {
+        let e = load_str(&format!(
+            "{MINIMAL}[api]\nmax_connections = 100\n[limits]\nmax_subscribers = 100\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "api.max_connections");
+        assert!(
+            e.to_string().contains("limits.max_subscribers (100)"),
+            "{e}"
+        );
+        let c = load_str(&format!(
+            "{MINIMAL}[api]\nmax_connections = 101\n[limits]\nmax_subscribers = 100\n"
+        ))
+        .unwrap();
+        assert_eq!(c.api.max_connections, 101);
     }
 
     #[test]

@@ -79,6 +79,7 @@ fn main() -> ExitCode {
         }
     };
     let log = sys::init_logging(&config.log.level, config.node_id);
+    sys::raise_open_file_limit(config.api.max_connections);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -95,6 +95,9 @@ static REJECTED: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new()
 /// increased by each applied message after its COMMIT.
 static CONV_BYTES: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
 
+/// Client API connections open now (the listener's places under `api.max_connections`).
+pub static API_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
+
 pub fn count_rejected(code: &'static str) {
     let mut map = REJECTED.lock().unwrap_or_else(|p| p.into_inner());
     *map.entry(code).or_insert(0) += 1;

@@ -6,6 +6,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,7 +17,8 @@ use hyper::Request;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 use warp::reply::Response;
@@ -70,6 +73,33 @@ pub struct ServeOptions {
     /// After `stop`, how long open connections may take to finish their requests before
     /// they are closed (an event stream to a client that stopped reading never finishes).
     pub drain: Duration,
+    /// The most connections open at once (the client API's `api.max_connections`, counted in
+    /// [`crate::metrics::API_CONNECTIONS`]); `None`: no cap. Above it a plain-HTTP
+    /// connection is answered `503 too_many_connections` and closed, a TLS one is closed.
+    pub max_connections: Option<usize>,
+}
+
+/// Over-cap connections being answered at once; beyond this they are closed unanswered, so
+/// that refusing a flood costs a bounded number of descriptors too.
+const MAX_REFUSING: usize = 256;
+
+/// A connection's place under the listener's cap, given back when the connection ends.
+struct Place {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Place {
+    fn take(slots: &Arc<Semaphore>) -> Option<Place> {
+        let permit = slots.clone().try_acquire_owned().ok()?;
+        crate::metrics::API_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+        Some(Place { _permit: permit })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        crate::metrics::API_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The address of the client at the other end of the connection, in every request's
@@ -99,6 +129,8 @@ pub async fn serve<S: Routes>(
     http.timer(TokioTimer::new())
         .header_read_timeout(options.header_read_timeout)
         .max_header_size(options.max_header_bytes);
+    let slots = options.max_connections.map(|n| Arc::new(Semaphore::new(n)));
+    let refusing = Arc::new(Semaphore::new(MAX_REFUSING));
     tokio::pin!(stop);
     loop {
         let (tcp, remote) = tokio::select! {
@@ -116,6 +148,16 @@ pub async fn serve<S: Routes>(
         // Reap the tasks of connections that have ended.
         while connections.try_join_next().is_some() {}
         let _ = tcp.set_nodelay(true);
+        let place = match &slots {
+            None => None,
+            Some(slots) => match Place::take(slots) {
+                Some(place) => Some(place),
+                None => {
+                    refuse_over_cap(tcp, remote, &options, &refusing, &mut connections);
+                    continue;
+                }
+            },
+        };
         let conn = Connection {
             service: service.clone(),
             http: http.clone(),
@@ -125,6 +167,7 @@ pub async fn serve<S: Routes>(
         };
         let watcher = graceful.watcher();
         connections.spawn(async move {
+            let _place = place;
             match conn.options.tls.clone() {
                 None => conn.run(tcp, watcher).await,
                 Some(acceptor) => {
@@ -164,6 +207,45 @@ pub async fn serve<S: Routes>(
     }
     connections.shutdown().await;
 }
+
+/// Answers a connection above the cap with `503 too_many_connections` (plain HTTP, while
+/// fewer than [`MAX_REFUSING`] are being answered) or closes it at once (TLS, or too many).
+fn refuse_over_cap(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    options: &ServeOptions,
+    refusing: &Arc<Semaphore>,
+    connections: &mut tokio::task::JoinSet<()>,
+) {
+    let cap = options.max_connections.unwrap_or(0);
+    tracing::debug!(listener = options.name, %remote, cap, "connection above the cap refused");
+    let turn = match options.tls {
+        None => refusing.clone().try_acquire_owned().ok(),
+        Some(_) => None,
+    };
+    let Some(turn) = turn else {
+        // Closed unanswered: counted here, as an answer is counted where it is made.
+        crate::metrics::count_rejected(TOO_MANY_CONNECTIONS);
+        return;
+    };
+    connections.spawn(async move {
+        let _turn = turn;
+        let answer = ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                hyper::StatusCode::SERVICE_UNAVAILABLE,
+                TOO_MANY_CONNECTIONS,
+                format!("this node holds {cap} connections, its most (api.max_connections)"),
+            )
+        };
+        if let Err(e) = events::refuse(tcp, answer).await {
+            tracing::debug!(%remote, error = %e, "answering a connection above the cap failed");
+        }
+    });
+}
+
+/// The error code of a connection refused above `api.max_connections`.
+const TOO_MANY_CONNECTIONS: &str = "too_many_connections";
 
 /// One accepted connection and what serving it needs.
 struct Connection<S> {

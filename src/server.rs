@@ -180,6 +180,7 @@ pub async fn run(
         event_stream_path: Some("/api/v1/stream"),
         // A write may wait this long for its commit; streams end at once.
         drain: config.write_timeout() + Duration::from_secs(5),
+        max_connections: Some(config.api.max_connections),
     };
     let raft_server = {
         let service = warp::service(network::raft_routes(raft.clone(), security.clone()));
@@ -192,6 +193,9 @@ pub async fn run(
             event_stream_path: None,
             // Raft has stopped by then: peers' connections have nothing left to finish.
             drain: Duration::from_secs(5),
+            // Peers keep a few pooled connections each; the port belongs on a private
+            // network or behind mutual TLS.
+            max_connections: None,
             ..api_options.clone()
         };
         // The Raft listener stops last, after Raft itself: see the end of this function.

@@ -204,6 +204,44 @@ async fn reload_loop(
     }
 }
 
+/// Descriptors kept for everything but client connections: the Raft listener and its peers'
+/// connections, SQLite's files, snapshots, logging.
+pub const RESERVED_FILES: u64 = 1024;
+
+/// Raises the soft open-file limit to the hard one (as systemd's `LimitNOFILE=` or the
+/// shell's `ulimit -Hn` allow), and warns when it still cannot hold `max_connections` client
+/// connections besides [`RESERVED_FILES`]: connections beyond it would fail to be accepted
+/// rather than be refused with `503 too_many_connections`.
+pub fn raise_open_file_limit(max_connections: usize) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the open-file limit");
+            return;
+        }
+    };
+    let soft = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, soft, hard, "cannot raise the open-file limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    let wanted = max_connections as u64 + RESERVED_FILES;
+    if soft < wanted {
+        tracing::warn!(
+            open_file_limit = soft,
+            api.max_connections = max_connections,
+            "the open-file limit is below api.max_connections + {RESERVED_FILES}: raise it (LimitNOFILE=, ulimit -n) or lower api.max_connections"
+        );
+    }
+}
+
 /// The dotted keys (`api.listen`, `join`, ...) whose values differ between `old` and `new`,
 /// leaving out those in [`LIVE_KEYS`].
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {

@@ -322,3 +322,80 @@ async fn event_streams_and_other_requests_share_the_listener() {
     assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer:?}");
     assert!(answer.contains("over the wire"), "{answer:?}");
 }
+
+/// Sends `GET path` on a new connection; returns the connection and the answer's head.
+async fn get_on_new_connection(addr: &str, path: &str) -> (TcpStream, String) {
+    let mut s = connect_from("127.0.0.1", addr).await;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s, Duration::from_secs(10)).await;
+    (s, head)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connections_above_the_cap_are_refused_and_places_come_back() {
+    const CAP: usize = 4;
+    let c = Cluster::start(Options {
+        api_toml: format!("max_connections = {CAP}"),
+        limits_toml: "max_subscribers = 1".into(),
+        ..Options::nodes(1)
+    })
+    .await;
+    let addr = c.api(1).to_string();
+
+    // Kept-alive connections hold their places (the harness's own pooled ones may hold some
+    // too): within CAP + 1 connections one is refused, in the error shape, and closed.
+    let mut held = Vec::new();
+    let mut refused = None;
+    for _ in 0..=CAP {
+        let (mut s, head) = get_on_new_connection(&addr, "/healthz").await;
+        if head.starts_with("HTTP/1.1 200") {
+            held.push(s);
+            continue;
+        }
+        let (rest, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+        refused = Some((format!("{head}{rest}"), closed));
+        break;
+    }
+    let (answer, closed) = refused.expect("no connection was refused above the cap");
+    assert!(held.len() <= CAP, "{} connections held", held.len());
+    assert_closing_error(
+        &answer,
+        closed,
+        "HTTP/1.1 503 Service Unavailable\r\n",
+        "too_many_connections",
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1\r\n"),
+        "{answer:?}"
+    );
+
+    // A client that leaves gives its place back, and the refusal was counted.
+    held.clear();
+    common::wait_until("a place to come back", Duration::from_secs(10), || {
+        let addr = addr.clone();
+        async move {
+            let (_s, head) = get_on_new_connection(&addr, "/healthz").await;
+            head.starts_with("HTTP/1.1 200").then_some(()).ok_or(head)
+        }
+    })
+    .await;
+    let r = c
+        .http
+        .get(c.api(1), "/metrics")
+        .await
+        .expect("GET /metrics");
+    assert_eq!(r.code(), 200, "{}", r.text());
+    let metrics = r.text();
+    assert!(
+        metrics.contains("chatraftd_rejected_requests_total{code=\"too_many_connections\"} "),
+        "{metrics}"
+    );
+    let open: usize = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("chatraftd_api_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no chatraftd_api_connections gauge: {metrics}"));
+    assert!((1..=CAP).contains(&open), "{open} connections open");
+}

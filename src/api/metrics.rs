@@ -162,6 +162,12 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
         "gauge",
         state.subscribers.open() as f64,
     );
+    out.single(
+        "chatraftd_api_connections",
+        "Client API connections open on this node (event streams included); at most api.max_connections.",
+        "gauge",
+        metrics::API_CONNECTIONS.load(std::sync::atomic::Ordering::Relaxed) as f64,
+    );
     out.header(
         "chatraftd_rejected_requests_total",
         "Error answers of the API, by error code.",

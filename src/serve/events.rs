@@ -223,18 +223,33 @@ where
 /// closes the connection. The rest of the head is read and dropped for a moment after the
 /// answer, so that closing with unread bytes (a reset) does not destroy the answer before the
 /// client has read it.
-pub(super) async fn refuse_large_head<IO>(mut io: IO, max_head_bytes: usize) -> io::Result<()>
+pub(super) async fn refuse_large_head<IO>(io: IO, max_head_bytes: usize) -> io::Result<()>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    refuse(
+        io,
+        crate::api::ApiError::new(
+            http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "header_too_large",
+            format!(
+                "the request head is larger than {max_head_bytes} bytes (api.max_header_bytes)"
+            ),
+        ),
+    )
+    .await
+}
+
+/// Answers with `error` whatever was asked, then closes the connection after reading and
+/// dropping what the client sends for a moment (see [`refuse_large_head`]).
+pub(super) async fn refuse<IO>(mut io: IO, error: crate::api::ApiError) -> io::Result<()>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     /// Bounds on what is read and dropped after the answer.
     const DRAIN_BYTES: usize = 1 << 20;
     const DRAIN_TIME: Duration = Duration::from_secs(2);
-    let resp = warp::Reply::into_response(crate::api::ApiError::new(
-        http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "header_too_large",
-        format!("the request head is larger than {max_head_bytes} bytes (api.max_header_bytes)"),
-    ));
+    let resp = warp::Reply::into_response(error);
     let (parts, body) = resp.into_parts();
     let body = body
         .collect()

@@ -88,16 +88,18 @@ impl Cluster {
             Some(first) => format!("join = [\"{}\"]", first.api),
         };
         // Every client of the benchmark comes from 127.0.0.1: the per-address write rate
-        // and stream limits would measure themselves, so they are lifted out of the way.
+        // and stream limits would measure themselves, so they are lifted out of the way. The
+        // node caps stay above the most subscribers one node gets (10,000 over three nodes)
+        // and within the bench's open-file limit.
         let secret_file = self.root.join("cluster-secret");
         chatraftd::security::ensure_secret_file(&secret_file)
             .map_err(|e| format!("{}: {e}", secret_file.display()))?;
         let text = format!(
             "node_id = {id}\ndata_dir = \"{}\"\n{start}\n\n[api]\nlisten = \"{api}\"\n\
-             write_timeout_ms = 10000\n\n[raft]\nlisten = \"{raft}\"\n\n\
+             write_timeout_ms = 10000\nmax_connections = 18000\n\n[raft]\nlisten = \"{raft}\"\n\n\
              [security]\ncluster_secret_file = \"{}\"\n\n\
              [limits]\nwrite_rate_per_sec = 1000000000\nwrite_burst = 1000000000\n\
-             max_subscribers = 1000000\nmax_subscribers_per_address = 1000000\n\n\
+             max_subscribers = 15000\nmax_subscribers_per_address = 1000000\n\n\
              [log]\nlevel = \"warn\"\n",
             dir.join("data").display(),
             secret_file.display()
