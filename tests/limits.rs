@@ -78,18 +78,25 @@ async fn read_head(stream: &mut TcpStream, deadline: Duration) -> String {
     String::from_utf8_lossy(&got).into_owned()
 }
 
-async fn open_stream(from: &str, addr: &str) -> (TcpStream, String) {
+/// Sends `GET path` (with `headers`, each ending in CRLF) from `from` on a new connection;
+/// returns the connection and the answer's head.
+async fn get_on_new_connection(
+    from: &str,
+    addr: &str,
+    path: &str,
+    headers: &str,
+) -> (TcpStream, String) {
     let mut s = connect_from(from, addr).await;
-    s.write_all(
-        format!(
-            "GET /api/v1/stream?conv_id=caps HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await
-    .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}\r\n").as_bytes())
+        .await
+        .unwrap();
     let head = read_head(&mut s, Duration::from_secs(10)).await;
     (s, head)
+}
+
+async fn open_stream(from: &str, addr: &str) -> (TcpStream, String) {
+    let path = "/api/v1/stream?conv_id=caps";
+    get_on_new_connection(from, addr, path, "Accept: text/event-stream\r\n").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -323,16 +330,6 @@ async fn event_streams_and_other_requests_share_the_listener() {
     assert!(answer.contains("over the wire"), "{answer:?}");
 }
 
-/// Sends `GET path` on a new connection; returns the connection and the answer's head.
-async fn get_on_new_connection(addr: &str, path: &str) -> (TcpStream, String) {
-    let mut s = connect_from("127.0.0.1", addr).await;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s, Duration::from_secs(10)).await;
-    (s, head)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn connections_above_the_cap_are_refused_and_places_come_back() {
     const CAP: usize = 4;
@@ -349,7 +346,7 @@ async fn connections_above_the_cap_are_refused_and_places_come_back() {
     let mut held = Vec::new();
     let mut refused = None;
     for _ in 0..=CAP {
-        let (mut s, head) = get_on_new_connection(&addr, "/healthz").await;
+        let (mut s, head) = get_on_new_connection("127.0.0.1", &addr, "/healthz", "").await;
         if head.starts_with("HTTP/1.1 200") {
             held.push(s);
             continue;
@@ -376,7 +373,7 @@ async fn connections_above_the_cap_are_refused_and_places_come_back() {
     common::wait_until("a place to come back", Duration::from_secs(10), || {
         let addr = addr.clone();
         async move {
-            let (_s, head) = get_on_new_connection(&addr, "/healthz").await;
+            let (_s, head) = get_on_new_connection("127.0.0.1", &addr, "/healthz", "").await;
             head.starts_with("HTTP/1.1 200").then_some(()).ok_or(head)
         }
     })
