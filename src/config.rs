@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::types::NodeId;
 
+/// The highest `api.max_connections`: far above any open-file limit, and within what a
+/// semaphore can count.
+pub const MAX_CONNECTIONS: usize = 1 << 24;
+
 /// The shortest `api.header_read_timeout_ms`: above the time nodes keep idle connections to
 /// each other, so a node never reuses a connection its peer is closing.
 const MIN_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
@@ -403,6 +407,12 @@ impl Config {
                 "max_subscribers and max_subscribers_per_address must be above 0".into(),
             ));
         }
+        if self.api.max_connections > MAX_CONNECTIONS {
+            return Err(err(
+                "api.max_connections",
+                format!("must be at most {MAX_CONNECTIONS}"),
+            ));
+        }
         if self.api.max_connections <= l.max_subscribers {
             return Err(err(
                 "api.max_connections",
@@ -648,6 +658,12 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.api.max_connections, 101);
+        let e = load_str(&format!(
+            "{MINIMAL}[api]\nmax_connections = 3000000000000000000\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "api.max_connections");
+        assert!(e.to_string().contains("at most 16777216"), "{e}");
     }
 
     #[test]

@@ -82,6 +82,9 @@ pub struct ServeOptions {
 /// Over-cap connections being answered at once; beyond this they are closed unanswered, so
 /// that refusing a flood costs a bounded number of descriptors too.
 const MAX_REFUSING: usize = 256;
+/// How long an over-cap connection may take to send its request before it is closed
+/// unanswered (at most the header read timeout).
+const REFUSE_WAIT: Duration = Duration::from_secs(2);
 
 /// A connection's place under the listener's cap, given back when the connection ends.
 struct Place {
@@ -208,8 +211,9 @@ pub async fn serve<S: Routes>(
     connections.shutdown().await;
 }
 
-/// Answers a connection above the cap with `503 too_many_connections` (plain HTTP, while
-/// fewer than [`MAX_REFUSING`] are being answered) or closes it at once (TLS, or too many).
+/// Answers a connection above the cap with `503 too_many_connections` once its request
+/// begins (plain HTTP, while fewer than [`MAX_REFUSING`] are being answered), or closes it
+/// (TLS, too many being answered, or no request within [`REFUSE_WAIT`]).
 fn refuse_over_cap(
     tcp: TcpStream,
     remote: SocketAddr,
@@ -218,6 +222,9 @@ fn refuse_over_cap(
     connections: &mut tokio::task::JoinSet<()>,
 ) {
     let cap = options.max_connections.unwrap_or(0);
+    // A client that reads before it writes (hyper's does) takes bytes that arrive before its
+    // request has gone out for a broken connection, not for an answer: answer once it spoke.
+    let wait = options.header_read_timeout.min(REFUSE_WAIT);
     tracing::debug!(listener = options.name, %remote, cap, "connection above the cap refused");
     let turn = match options.tls {
         None => refusing.clone().try_acquire_owned().ok(),
@@ -230,6 +237,14 @@ fn refuse_over_cap(
     };
     connections.spawn(async move {
         let _turn = turn;
+        // `peek`, not `readable`: a fresh socket may be reported readable before any byte came.
+        let mut first = [0u8; 1];
+        if !matches!(
+            tokio::time::timeout(wait, tcp.peek(&mut first)).await,
+            Ok(Ok(1))
+        ) {
+            return;
+        }
         let answer = ApiError {
             retry_after: Some(1),
             ..ApiError::new(

@@ -368,6 +368,20 @@ async fn connections_above_the_cap_are_refused_and_places_come_back() {
         "{answer:?}"
     );
 
+    // A client that reads before it writes (hyper's, as every node's forwarder) gets the
+    // answer too, not a broken connection.
+    let r = c
+        .outsider()
+        .get(&addr, "/healthz")
+        .await
+        .expect("an answer above the cap");
+    assert_eq!(r.code(), 503, "{}", r.text());
+    assert!(
+        r.text().contains("\"code\":\"too_many_connections\""),
+        "{}",
+        r.text()
+    );
+
     // A client that leaves gives its place back, and the refusal was counted.
     held.clear();
     common::wait_until("a place to come back", Duration::from_secs(10), || {

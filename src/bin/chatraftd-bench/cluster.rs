@@ -89,8 +89,8 @@ impl Cluster {
         };
         // Every client of the benchmark comes from 127.0.0.1: the per-address write rate
         // and stream limits would measure themselves, so they are lifted out of the way. The
-        // node caps stay above the most subscribers one node gets (10,000 over three nodes)
-        // and within the bench's open-file limit.
+        // node caps stay above the most subscribers one node gets (10,000 over three nodes;
+        // `--subscribers` up to about 45,000) and within the bench's open-file limit.
         let secret_file = self.root.join("cluster-secret");
         chatraftd::security::ensure_secret_file(&secret_file)
             .map_err(|e| format!("{}: {e}", secret_file.display()))?;
