@@ -22,7 +22,8 @@ pub struct SubscriberSlots {
 #[derive(Default)]
 struct Counts {
     total: usize,
-    /// Open streams by client address; an address with none has no entry.
+    /// Open streams by client ([`crate::security::client_key`]: an IPv6 client by its /64);
+    /// a client with none has no entry.
     by_address: HashMap<IpAddr, usize>,
 }
 
@@ -56,11 +57,13 @@ impl SubscriberSlots {
                 self.max_total
             )));
         }
-        if let Some(ip) = address {
-            let n = counts.by_address.entry(ip).or_insert(0);
+        let address = address.map(crate::security::client_key);
+        if let Some(key) = address {
+            let n = counts.by_address.entry(key).or_insert(0);
             if *n >= self.max_per_address {
                 return Err(refuse(format!(
-                    "{ip} holds its limit of {} event streams on this node (limits.max_subscribers_per_address)",
+                    "{} holds its limit of {} event streams on this node (limits.max_subscribers_per_address)",
+                    crate::security::client_label(key),
                     self.max_per_address
                 )));
             }
@@ -123,5 +126,17 @@ mod tests {
         drop(a1);
         let _a3 = slots.acquire(Some(a)).unwrap();
         assert!(slots.counts.lock().unwrap().by_address.len() == 2);
+    }
+
+    #[test]
+    fn an_ipv6_client_is_capped_by_its_64_prefix() {
+        let slots = SubscriberSlots::new(10, 2);
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let _a = slots.acquire(ip("2001:db8:0:1::1")).unwrap();
+        let _b = slots.acquire(ip("2001:db8:0:1::2")).unwrap();
+        let e = slots.acquire(ip("2001:db8:0:1:ffff::3")).err().unwrap();
+        assert!(e.message.contains("2001:db8:0:1::/64"), "{}", e.message);
+        // Another /64 is another client.
+        let _c = slots.acquire(ip("2001:db8:0:2::1")).unwrap();
     }
 }

@@ -9,7 +9,7 @@ pub mod rate;
 pub mod sha256;
 pub mod tokens;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -314,6 +314,30 @@ impl Security {
     }
 }
 
+/// The client a per-address limit counts `ip` as: an IPv4 address alone (also when it comes
+/// IPv4-mapped), an IPv6 address by its /64 prefix, the smallest block one subscriber is
+/// handed, so that a client cannot escape the limits by changing the low bits of its address.
+pub fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+/// How a message names the client [`client_key`] made.
+pub fn client_label(key: IpAddr) -> String {
+    match key {
+        IpAddr::V4(_) => key.to_string(),
+        IpAddr::V6(_) => format!("{key}/64"),
+    }
+}
+
 /// Paths only members of the cluster and its operators may use: membership changes, routes
 /// between nodes, and anything under the cluster and admin prefixes (routes added there later
 /// are covered without being listed).
@@ -475,6 +499,20 @@ pub fn ensure_secret_file(path: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_clients_are_counted_by_their_64_prefix() {
+        let key = |s: &str| client_key(s.parse().unwrap());
+        assert_eq!(key("10.0.0.1"), key("::ffff:10.0.0.1"));
+        assert_ne!(key("10.0.0.1"), key("10.0.0.2"));
+        assert_eq!(
+            key("2001:db8:1:2::1"),
+            key("2001:db8:1:2:ffff:ffff:ffff:ffff")
+        );
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(client_label(key("2001:db8:1:2:aa::1")), "2001:db8:1:2::/64");
+        assert_eq!(client_label(key("::ffff:10.0.0.1")), "10.0.0.1");
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn secret_file(text: &str, mode: u32) -> tempfile::NamedTempFile {

@@ -26,8 +26,10 @@ impl RateLimiter {
         }
     }
 
-    /// Takes one token for `ip`; `Err(seconds)` when there is none, with when one will be.
+    /// Takes one token for the client at `ip` (an IPv6 client by its /64, see
+    /// [`super::client_key`]); `Err(seconds)` when there is none, with when one will be.
     pub fn check(&self, ip: IpAddr) -> Result<(), u64> {
+        let ip = super::client_key(ip);
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= MAX_TRACKED && !buckets.contains_key(&ip) {
@@ -62,5 +64,18 @@ mod tests {
         }
         assert_eq!(r.check(a), Err(1));
         assert!(r.check(b).is_ok(), "another address has its own bucket");
+    }
+
+    #[test]
+    fn an_ipv6_client_has_one_bucket_for_its_64_prefix() {
+        let r = RateLimiter::new(1, 2);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(r.check(ip("2001:db8:0:1::1")).is_ok());
+        assert!(r.check(ip("2001:db8:0:1::2")).is_ok());
+        assert_eq!(r.check(ip("2001:db8:0:1:abcd::9")), Err(1));
+        assert!(
+            r.check(ip("2001:db8:0:2::1")).is_ok(),
+            "another /64 is another client"
+        );
     }
 }
