@@ -427,17 +427,22 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
+    /// Writes an executable shell script `name` into `dir`.
+    fn script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
     /// A stand-in server whose config test passes when the file holds `accepted` and names an
     /// unknown field otherwise, and which fails anything but `-t -c FILE` differently.
     fn fake_server(dir: &Path, accepted: &str) -> std::path::PathBuf {
-        let path = dir.join("fake-nats");
-        let script = format!(
-            "#!/bin/sh\n[ \"$1\" = -t ] && [ \"$2\" = -c ] || {{ echo 'bad call' >&2; exit 1; }}\n\
+        let body = format!(
+            "[ \"$1\" = -t ] && [ \"$2\" = -c ] || {{ echo 'bad call' >&2; exit 1; }}\n\
              grep -qF '{accepted}' \"$3\" && exit 0\necho \"$3:2:30: unknown field\" >&2\nexit 1\n"
         );
-        std::fs::write(&path, script).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
+        script(dir, "fake-nats", &body)
     }
 
     #[test]
@@ -450,9 +455,11 @@ mod tests {
         assert!(!takes(&old, dir.path(), SYNC_ALWAYS).unwrap());
         assert!(takes(&dir.path().join("missing"), dir.path(), SYNC_ALWAYS).is_err());
         // A failure that names no unknown field is not taken for an old server.
-        let broken = dir.path().join("broken-nats");
-        std::fs::write(&broken, "#!/bin/sh\necho 'permission denied' >&2\nexit 1\n").unwrap();
-        std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let broken = script(
+            dir.path(),
+            "broken-nats",
+            "echo 'permission denied' >&2\nexit 1\n",
+        );
         let err = takes(&broken, dir.path(), SYNC_ALWAYS).unwrap_err();
         assert!(err.contains("permission denied"), "{err}");
     }
