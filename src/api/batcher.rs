@@ -1,11 +1,11 @@
 //! Group commit on the leader: writes that arrive while earlier ones are being committed are
 //! proposed together as one Raft entry ([`Request::Batch`]).
 //!
-//! openraft 0.9 waits for each entry's flush on the leader before it takes the next client
-//! write, so one message per entry would cap the cluster at one fsync per message. Batching
-//! keeps every message fsynced on a majority before it is acknowledged, and pays that fsync
-//! once for every message that queued up meanwhile: the busier the leader, the larger the
-//! batches. A lone writer still gets its entry proposed at once.
+//! Every entry costs a log transaction with an fsync on each node and a replication round, so
+//! one message per entry would cap the cluster near one fsync per message. Batching keeps
+//! every message fsynced on a majority before it is acknowledged, and pays that fsync once for
+//! every message that queued up meanwhile: the busier the leader, the larger the batches. A
+//! lone writer still gets its entry proposed at once.
 
 use std::sync::Arc;
 

@@ -16,14 +16,21 @@
 //! counts its own copy toward a quorum only once flushed), and so are the newest entries
 //! after their flush, which is what replication reads right after it: a follower that keeps up
 //! is sent entries without a database read or a JSON decode.
+//!
+//! # The leader's own flush
+//! On a leader, openraft (as patched in `vendor/openraft`) sends new entries to the followers
+//! while they are being written here, and two followers' flushes can commit an entry before
+//! this node's own. The state machine therefore waits through [`LogDurability`] until every
+//! entry it applies is on this node's disk: no node ever applies an entry its own log could
+//! lose, and a client is answered only once the leader has its message on disk too.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
@@ -67,6 +74,8 @@ struct LogShared {
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The newest entries, on disk or not yet; reads overlay them on the database.
     recent: Arc<Mutex<RecentEntries>>,
+    /// Signalled each time entries reach the disk or the writer fails.
+    flushed: Arc<Condvar>,
     /// A second connection for log reads (replication streams), so that they never queue
     /// behind an append's fsync. WAL gives it every transaction committed before the read starts.
     reader: Mutex<Connection>,
@@ -95,6 +104,7 @@ impl LogStore {
         let committed: Option<LogId> = get_meta(&reader, path, KEY_COMMITTED)?;
         let committed = Arc::new(AtomicU64::new(committed.map_or(0, |c| c.index)));
         let recent = Arc::new(Mutex::new(RecentEntries::default()));
+        let flushed = Arc::new(Condvar::new());
         let committed_latest = Arc::new(Mutex::new(PendingCommitted::default()));
         let (tx, rx) = mpsc::channel();
         let thread = Writer {
@@ -102,6 +112,7 @@ impl LogStore {
             path: path.to_path_buf(),
             rx,
             recent: recent.clone(),
+            flushed: flushed.clone(),
             committed_latest: committed_latest.clone(),
             failed: None,
         };
@@ -115,6 +126,7 @@ impl LogStore {
                 writer: Mutex::new(tx),
                 thread: Mutex::new(Some(handle)),
                 recent,
+                flushed,
                 reader: Mutex::new(reader),
                 committed,
                 committed_latest,
@@ -126,6 +138,15 @@ impl LogStore {
     /// `save_committed` and primed from disk at open. Shared by every clone of this store.
     pub fn commit_index_handle(&self) -> Arc<AtomicU64> {
         self.inner.committed.clone()
+    }
+
+    /// A handle to wait for entries to reach this node's disk; see [`LogDurability`].
+    pub(crate) fn durability(&self) -> LogDurability {
+        LogDurability {
+            path: self.inner.path.clone(),
+            recent: self.inner.recent.clone(),
+            flushed: self.inner.flushed.clone(),
+        }
     }
 
     /// True when the log has no entries, no vote and nothing purged (a fresh node).
@@ -375,13 +396,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let fail = |e: StoreError| e.into_storage(ErrorSubject::Logs, ErrorVerb::Write);
-        {
-            let mut recent = lock(&self.inner.recent, &self.inner.path).map_err(fail)?;
-            for e in &entries {
-                recent.insert(e.clone());
-            }
+        let mut recent = lock(&self.inner.recent, &self.inner.path).map_err(fail)?;
+        for e in &entries {
+            recent.insert(e.clone());
         }
+        // Queued under the lock, so that a failure to queue is seen by every waiter at once.
         self.send(Command::Append { entries, callback })
+            .inspect_err(|e| {
+                recent.write_failed.get_or_insert_with(|| e.to_string());
+                self.inner.flushed.notify_all();
+            })
             .map_err(fail)
     }
 
@@ -443,6 +467,41 @@ impl Drop for LogShared {
     }
 }
 
+/// Waits for entries to be on this node's disk: what the state machine checks before it applies
+/// them, since a leader may see an entry committed by its followers' flushes before its own.
+#[derive(Clone)]
+pub(crate) struct LogDurability {
+    path: PathBuf,
+    recent: Arc<Mutex<RecentEntries>>,
+    flushed: Arc<Condvar>,
+}
+
+impl LogDurability {
+    /// Blocks until every entry of the log up to `index` is on disk, or the log writer failed.
+    ///
+    /// An entry not in [`RecentEntries`] is on disk (only flushed entries are dropped from it),
+    /// so this waits only while one of its pending entries is at or below `index`: never on a
+    /// follower, which flushes before it acknowledges, and on a leader at most for one group
+    /// commit.
+    pub(crate) fn wait_on_disk(&self, index: u64) -> Result<(), StoreError> {
+        let mut recent = lock(&self.recent, &self.path)?;
+        loop {
+            if let Some(why) = &recent.write_failed {
+                return Err(StoreError::Task(format!(
+                    "the Raft log could not be written: {why}"
+                )));
+            }
+            if !matches!(recent.first_pending(), Some(p) if p <= index) {
+                return Ok(());
+            }
+            recent = self
+                .flushed
+                .wait(recent)
+                .map_err(|_| StoreError::Task("a log lock was poisoned".into()))?;
+        }
+    }
+}
+
 /// How many entries already on disk [`RecentEntries`] keeps, at most...
 const RECENT_ENTRIES: usize = 1024;
 /// ...and about how many bytes of them.
@@ -455,9 +514,13 @@ const RECENT_BYTES: usize = 32 << 20;
 #[derive(Default)]
 struct RecentEntries {
     entries: BTreeMap<u64, Recent>,
+    /// The indexes of `entries` not yet on disk.
+    pending: BTreeSet<u64>,
     /// How many of `entries` are on disk, and their estimated size.
     on_disk: usize,
     on_disk_bytes: usize,
+    /// Why the log writer stopped writing, once it has: pending entries never reach the disk.
+    write_failed: Option<String>,
 }
 
 struct Recent {
@@ -481,6 +544,7 @@ impl RecentEntries {
         ) {
             self.forget(&old);
         }
+        self.pending.insert(index);
     }
 
     /// The entry with `log_id` is on disk (a truncate may have replaced its index since).
@@ -490,6 +554,7 @@ impl RecentEntries {
                 r.on_disk = true;
                 self.on_disk += 1;
                 self.on_disk_bytes += r.size;
+                self.pending.remove(&log_id.index);
             }
         }
     }
@@ -524,7 +589,14 @@ impl RecentEntries {
         if r.on_disk {
             self.on_disk -= 1;
             self.on_disk_bytes -= r.size;
+        } else {
+            self.pending.remove(&r.entry.log_id.index);
         }
+    }
+
+    /// The lowest index not yet on disk.
+    fn first_pending(&self) -> Option<u64> {
+        self.pending.first().copied()
     }
 
     fn first_index(&self) -> Option<u64> {
@@ -594,6 +666,8 @@ struct Writer {
     path: PathBuf,
     rx: mpsc::Receiver<Command>,
     recent: Arc<Mutex<RecentEntries>>,
+    /// Signalled after each group commit; see [`LogDurability`].
+    flushed: Arc<Condvar>,
     /// The committed log id to write with the next transaction, when dirty.
     committed_latest: Arc<Mutex<PendingCommitted>>,
     /// Set by the first failed commit: nothing is written after it, every later command fails
@@ -662,18 +736,25 @@ impl Writer {
 
     /// Reports the group's outcome: flush callbacks, waiting writers, and the recent entries.
     fn finish(&self, group: Vec<Command>, result: Result<(), StoreError>) {
-        if result.is_ok() {
-            if let Ok(mut recent) = self.recent.lock() {
-                for command in &group {
-                    if let Command::Append { entries, .. } = command {
-                        for e in entries {
-                            recent.on_disk(&e.log_id);
+        if let Ok(mut recent) = self.recent.lock() {
+            match &result {
+                Ok(()) => {
+                    for command in &group {
+                        if let Command::Append { entries, .. } = command {
+                            for e in entries {
+                                recent.on_disk(&e.log_id);
+                            }
                         }
                     }
+                    recent.evict();
                 }
-                recent.evict();
+                Err(e) => {
+                    recent.write_failed.get_or_insert_with(|| e.to_string());
+                }
             }
-        } else if let Err(e) = &result {
+            self.flushed.notify_all();
+        }
+        if let Err(e) = &result {
             tracing::error!(error = %e, path = %self.path.display(), "the Raft log could not be written");
         }
         for command in group {
@@ -793,21 +874,86 @@ mod recent_tests {
         for i in 1..=6 {
             r.on_disk(&entry(1, i).log_id);
         }
+        assert_eq!(r.first_pending(), Some(7));
         r.truncate_from(8);
         assert_eq!(indexes(&r), (1..=7).collect::<Vec<_>>());
+        assert_eq!(
+            r.first_pending(),
+            Some(7),
+            "8, 9 and 10 are no longer waited for"
+        );
+        r.on_disk(&entry(1, 7).log_id);
+        assert_eq!(r.first_pending(), None);
         // A newer entry at a truncated index; the old one's flush report does not count.
         r.insert(entry(2, 8));
         r.on_disk(&entry(1, 8).log_id);
         assert!(!r.entries[&8].on_disk);
+        assert_eq!(r.first_pending(), Some(8));
         r.on_disk(&entry(2, 8).log_id);
         assert!(r.entries[&8].on_disk);
+        assert_eq!(r.first_pending(), None);
         r.purge_upto(3);
         assert_eq!(indexes(&r), (4..=8).collect::<Vec<_>>());
-        assert_eq!(r.on_disk, 4, "4, 5, 6 and the new 8 are on disk");
+        assert_eq!(r.on_disk, 5, "4 to 7 and the new 8 are on disk");
         assert_eq!(
             r.range(7, 100).iter().map(|e| e.log_id).collect::<Vec<_>>(),
             vec![entry(1, 7).log_id, entry(2, 8).log_id]
         );
         assert!(r.range(9, 8).is_empty());
+    }
+
+    fn durability(recent: RecentEntries) -> LogDurability {
+        LogDurability {
+            path: PathBuf::from("raft-log.db"),
+            recent: Arc::new(Mutex::new(recent)),
+            flushed: Arc::new(Condvar::new()),
+        }
+    }
+
+    #[test]
+    fn waiting_for_the_disk_ends_with_the_flush_of_every_entry_up_to_the_index() {
+        let mut r = RecentEntries::default();
+        for i in 1..=4 {
+            r.insert(entry(1, i));
+        }
+        r.on_disk(&entry(1, 1).log_id);
+        let d = durability(r);
+        // Entry 1 is on disk and older entries are not in memory at all: no wait.
+        d.wait_on_disk(1).unwrap();
+        d.wait_on_disk(0).unwrap();
+
+        let (done_tx, done_rx) = mpsc::channel();
+        let waiter = {
+            let d = d.clone();
+            std::thread::spawn(move || {
+                let outcome = d.wait_on_disk(3);
+                done_tx.send(outcome.is_ok()).unwrap();
+            })
+        };
+        // The flush of 2 alone does not release a wait for 3; that of 2 and 3 does, while 4
+        // is still pending.
+        let flush = |ids: &[u64]| {
+            let mut r = d.recent.lock().unwrap();
+            for &i in ids {
+                r.on_disk(&entry(1, i).log_id);
+            }
+            d.flushed.notify_all();
+        };
+        flush(&[2]);
+        assert_eq!(done_rx.try_recv(), Err(mpsc::TryRecvError::Empty));
+        flush(&[3]);
+        let released = done_rx.recv_timeout(std::time::Duration::from_secs(10));
+        assert_eq!(released, Ok(true));
+        waiter.join().unwrap();
+        assert_eq!(d.recent.lock().unwrap().first_pending(), Some(4));
+    }
+
+    #[test]
+    fn waiting_for_the_disk_fails_once_the_writer_failed() {
+        let mut r = RecentEntries::default();
+        r.insert(entry(1, 1));
+        r.write_failed = Some("disk full".into());
+        let err = durability(r).wait_on_disk(1).unwrap_err();
+        assert!(err.to_string().contains("disk full"), "{err}");
     }
 }

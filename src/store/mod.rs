@@ -24,6 +24,10 @@
 //!   machine it copied on disk; an installed snapshot is synced the same way.
 //! - `append` reports the flush to openraft only after its transaction committed
 //!   ([`LogStore`]'s `append`); `save_vote` returns only after its commit.
+//! - `apply` waits until every entry it applies is in this node's log on disk
+//!   ([`log::LogDurability`]): a leader replicates while it writes its own log, and its
+//!   followers can commit an entry first. So the log always holds what the state machine has
+//!   applied, and a client is answered only once the leader, too, has its message on disk.
 //! - `apply` writes the rows and `last_applied` in one transaction, so a crash can never leave a
 //!   message applied without `last_applied` covering it, nor the reverse: after a restart no
 //!   entry is applied twice and none is skipped ([`StateMachineStore`]'s `apply`).
@@ -103,7 +107,8 @@ pub async fn open(data_dir: &Path) -> Result<Stores, StoreError> {
         let snapshots = snapshot::SnapshotDir::open(&data_dir.join(SNAPSHOT_DIR))?;
         let messages = data_dir.join(MESSAGES_DB);
         let tail = crate::fanout::Tail::new();
-        let (sm, applied) = StateMachineStore::open(&messages, snapshots, tail.clone())?;
+        let (sm, applied) =
+            StateMachineStore::open(&messages, snapshots, tail.clone(), log.durability())?;
         // The state machine created the schema and switched the file to WAL: only now can the
         // read-only connections open it.
         let reader = MessageReader::open(&messages, applied, tail, READ_POOL_SIZE)?;

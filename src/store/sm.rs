@@ -13,6 +13,7 @@ use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::growth::MessageGrowth;
+use super::log::LogDurability;
 use super::reader::record_by_msg_id;
 use super::snapshot::{self, SnapshotBuilder, SnapshotDir, TempFile};
 use super::{
@@ -75,6 +76,8 @@ struct SmShared {
     receiving: Mutex<HashMap<(u64, u64), PathBuf>>,
     /// Messages stored since the newest snapshot, moved after each COMMIT and each snapshot.
     growth: Arc<MessageGrowth>,
+    /// This node's Raft log: `apply` waits for its entries to be on this node's disk.
+    log: LogDurability,
 }
 
 impl StateMachineStore {
@@ -84,6 +87,7 @@ impl StateMachineStore {
         path: &Path,
         snapshots: Arc<SnapshotDir>,
         tail: Tail,
+        log: LogDurability,
     ) -> Result<(StateMachineStore, watch::Receiver<u64>), StoreError> {
         let mut conn = open_live(path, Access::ReadWrite)?;
         // Durability: see the rules in `store` — the Raft log holds every applied entry on
@@ -112,6 +116,7 @@ impl StateMachineStore {
                 tail,
                 receiving: Mutex::new(HashMap::new()),
                 growth,
+                log,
             }),
         };
         Ok((sm, rx))
@@ -563,9 +568,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             return Ok(Vec::new());
         }
         let inner = self.inner.clone();
-        blocking(move || inner.apply_blocking(entries))
-            .await
-            .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))
+        let last = entries[entries.len() - 1].log_id.index;
+        blocking(move || {
+            // A leader can see an entry committed by its followers before its own flush.
+            inner.log.wait_on_disk(last)?;
+            inner.apply_blocking(entries)
+        })
+        .await
+        .map_err(|e| e.into_storage(ErrorSubject::StateMachine, ErrorVerb::Write))
     }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {

@@ -39,6 +39,17 @@ where C: RaftTypeConfig
     /// Result of executing a command sent from network worker.
     Network { response: replication::Response<C> },
 
+    /// The leader's own log io, submitted without waiting for its flush, is flushed (or
+    /// failed): only now does the leader count its own copy toward a quorum.
+    LocalLogFlushed {
+        /// The leader vote the entries were appended under.
+        vote: Vote<C::NodeId>,
+        /// The last log id of the flushed append.
+        log_id: crate::LogId<C::NodeId>,
+        /// The flush's outcome, as the log store reported it.
+        result: Result<(), String>,
+    },
+
     /// Result of executing a command sent from state machine worker.
     StateMachine { command_result: sm::CommandResult<C> },
 
@@ -81,6 +92,9 @@ where C: RaftTypeConfig
             }
             Self::Network { response } => {
                 format!("Replication command done: {}", response.summary())
+            }
+            Self::LocalLogFlushed { vote, log_id, result } => {
+                format!("LocalLogFlushed: vote: {}, log_id: {}, result: {:?}", vote, log_id, result)
             }
             Self::StateMachine { command_result } => {
                 format!("StateMachine command done: {:?}", command_result)

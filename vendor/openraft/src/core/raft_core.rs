@@ -1374,6 +1374,20 @@ where
                 }
             }
 
+            Notify::LocalLogFlushed { vote, log_id, result } => {
+                if let Err(e) = result {
+                    let err = StorageIOError::write_logs(AnyError::error(e));
+                    return Err(Fatal::StorageError(StorageError::from(err)));
+                }
+                // A flush under an earlier leadership of this node counts for nothing now; the
+                // next leadership's first entry is flushed after it anyway.
+                if self.does_vote_match(&vote, "LocalLogFlushed") {
+                    if let Ok(mut lh) = self.engine.leader_handler() {
+                        lh.replication_handler().update_local_progress(Some(log_id));
+                    }
+                }
+            }
+
             Notify::StateMachine { command_result } => {
                 tracing::debug!("sm::StateMachine command result: {:?}", command_result);
 
@@ -1637,12 +1651,30 @@ where
                 let last_log_id = entries.last().unwrap().get_log_id().clone();
                 tracing::debug!("AppendInputEntries: {}", DisplaySlice::<_>(&entries),);
 
-                self.append_to_log(entries, vote, last_log_id.clone()).await?;
-
-                // The leader may have changed.
-                // But reporting to a different leader is not a problem.
-                if let Ok(mut lh) = self.engine.leader_handler() {
-                    lh.replication_handler().update_local_progress(Some(last_log_id));
+                if self.engine.leader.is_some() {
+                    // The leader submits its own entries and goes on without waiting for the
+                    // flush: the replication commands queued after this one send them to the
+                    // followers while they are being written here. The leader's copy counts
+                    // toward a quorum only once flushed, when `Notify::LocalLogFlushed` arrives.
+                    let (tx, rx) = C::AsyncRuntime::oneshot();
+                    let log_io_id = LogIOId::new(vote.clone(), Some(last_log_id.clone()));
+                    let callback = LogFlushed::new(log_io_id, tx);
+                    self.log_store.append(entries, callback).await?;
+                    let tx_notify = self.tx_notify.clone();
+                    let _ = C::AsyncRuntime::spawn(async move {
+                        let result = match rx.await {
+                            Ok(Ok(_)) => Ok(()),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        let _ = tx_notify.send(Notify::LocalLogFlushed {
+                            vote,
+                            log_id: last_log_id,
+                            result,
+                        });
+                    });
+                } else {
+                    self.append_to_log(entries, vote, last_log_id.clone()).await?;
                 }
             }
             Command::SaveVote { vote } => {
