@@ -105,6 +105,15 @@ use crate::StorageError;
 use crate::StorageIOError;
 use crate::Vote;
 
+/// The leader's own log appends submitted to the log store and not yet reported flushed.
+#[derive(Default)]
+pub(crate) struct LeaderFlushes {
+    /// Each append holds a read guard until its flush is reported; the write lock waits for all.
+    pub(crate) pending: Arc<tokio::sync::RwLock<()>>,
+    /// The first flush that failed.
+    pub(crate) failed: Arc<std::sync::Mutex<Option<String>>>,
+}
+
 /// A temp struct to hold the data for a node that is being applied.
 #[derive(Debug)]
 pub(crate) struct ApplyingEntry<NID: NodeId, N: Node> {
@@ -188,6 +197,9 @@ where
     pub(crate) replications: BTreeMap<C::NodeId, ReplicationHandle<C>>,
 
     pub(crate) leader_data: Option<LeaderData<C>>,
+
+    /// The leader's own log appends whose flush is not reported yet.
+    pub(crate) leader_flushes: LeaderFlushes,
 
     #[allow(dead_code)]
     pub(crate) tx_api: mpsc::UnboundedSender<RaftMsg<C>>,
@@ -1646,6 +1658,14 @@ where
             }
             Command::QuitLeader => {
                 self.leader_data = None;
+                // Entries appended as leader may still be on their way to the disk. As a
+                // follower this node may report them as matching to the next leader, which
+                // counts them toward a quorum: wait until they are flushed.
+                let _all_flushed = self.leader_flushes.pending.write().await;
+                let failed = self.leader_flushes.failed.lock().ok().and_then(|f| f.clone());
+                if let Some(e) = failed {
+                    return Err(StorageIOError::write_logs(AnyError::error(e)).into());
+                }
             }
             Command::AppendInputEntries { vote, entries } => {
                 let last_log_id = entries.last().unwrap().get_log_id().clone();
@@ -1659,14 +1679,24 @@ where
                     let (tx, rx) = C::AsyncRuntime::oneshot();
                     let log_io_id = LogIOId::new(vote.clone(), Some(last_log_id.clone()));
                     let callback = LogFlushed::new(log_io_id, tx);
+                    // Never held by another writer here: `QuitLeader` takes the write lock and
+                    // releases it before any later command runs.
+                    let in_flight = self.leader_flushes.pending.clone().try_read_owned();
                     self.log_store.append(entries, callback).await?;
                     let tx_notify = self.tx_notify.clone();
+                    let failed = self.leader_flushes.failed.clone();
                     let _ = C::AsyncRuntime::spawn(async move {
                         let result = match rx.await {
                             Ok(Ok(_)) => Ok(()),
                             Ok(Err(e)) => Err(e.to_string()),
                             Err(e) => Err(e.to_string()),
                         };
+                        if let Err(e) = &result {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert_with(|| e.clone());
+                            }
+                        }
+                        drop(in_flight);
                         let _ = tx_notify.send(Notify::LocalLogFlushed {
                             vote,
                             log_id: last_log_id,
