@@ -30,7 +30,7 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex, PoisonError};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, Vote};
@@ -185,10 +185,16 @@ impl LogStore {
         result.map_err(|e| e.into_storage(subject, ErrorVerb::Write))
     }
 
+    /// Queues `command` for the writer. When the writer is gone, waiters on the disk are told
+    /// so (nothing pending will get there any more).
     fn send(&self, command: Command) -> Result<(), StoreError> {
         lock(&self.inner.writer, &self.inner.path)?
             .send(command)
-            .map_err(|_| StoreError::Task("the log writer stopped".into()))
+            .map_err(|_| {
+                let why = "the log writer stopped";
+                writer_failed(&self.inner.recent, &self.inner.flushed, why);
+                StoreError::Task(why.into())
+            })
     }
 
     async fn read<T, F>(&self, subject: ErrorSubject<NodeId>, f: F) -> Result<T, StorageError>
@@ -396,16 +402,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let fail = |e: StoreError| e.into_storage(ErrorSubject::Logs, ErrorVerb::Write);
-        let mut recent = lock(&self.inner.recent, &self.inner.path).map_err(fail)?;
-        for e in &entries {
-            recent.insert(e.clone());
+        {
+            let mut recent = lock(&self.inner.recent, &self.inner.path).map_err(fail)?;
+            for e in &entries {
+                recent.insert(e.clone());
+            }
         }
-        // Queued under the lock, so that a failure to queue is seen by every waiter at once.
         self.send(Command::Append { entries, callback })
-            .inspect_err(|e| {
-                recent.write_failed.get_or_insert_with(|| e.to_string());
-                self.inner.flushed.notify_all();
-            })
             .map_err(fail)
     }
 
@@ -486,13 +489,13 @@ impl LogDurability {
     pub(crate) fn wait_on_disk(&self, index: u64) -> Result<(), StoreError> {
         let mut recent = lock(&self.recent, &self.path)?;
         loop {
+            if !matches!(recent.first_pending(), Some(p) if p <= index) {
+                return Ok(());
+            }
             if let Some(why) = &recent.write_failed {
                 return Err(StoreError::Task(format!(
                     "the Raft log could not be written: {why}"
                 )));
-            }
-            if !matches!(recent.first_pending(), Some(p) if p <= index) {
-                return Ok(());
             }
             recent = self
                 .flushed
@@ -500,6 +503,14 @@ impl LogDurability {
                 .map_err(|_| StoreError::Task("a log lock was poisoned".into()))?;
         }
     }
+}
+
+/// Records that nothing pending will reach the disk any more, and wakes every waiter. Works on
+/// a poisoned lock too: a waiter must never be left behind.
+fn writer_failed(recent: &Mutex<RecentEntries>, flushed: &Condvar, why: &str) {
+    let mut recent = recent.lock().unwrap_or_else(PoisonError::into_inner);
+    recent.write_failed.get_or_insert_with(|| why.to_owned());
+    flushed.notify_all();
 }
 
 /// How many entries already on disk [`RecentEntries`] keeps, at most...
@@ -677,6 +688,20 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
+        // However the thread ends (every LogStore handle dropped, or a panic), a wait for an
+        // entry still pending must not last forever.
+        struct Stopped(Arc<Mutex<RecentEntries>>, Arc<Condvar>);
+        impl Drop for Stopped {
+            fn drop(&mut self) {
+                let why = if std::thread::panicking() {
+                    "the log writer thread panicked"
+                } else {
+                    "the log writer thread stopped"
+                };
+                writer_failed(&self.0, &self.1, why);
+            }
+        }
+        let _stopped = Stopped(self.recent.clone(), self.flushed.clone());
         // Ends when every LogStore handle is dropped.
         while let Ok(first) = self.rx.recv() {
             let mut group = vec![first];
@@ -736,7 +761,9 @@ impl Writer {
 
     /// Reports the group's outcome: flush callbacks, waiting writers, and the recent entries.
     fn finish(&self, group: Vec<Command>, result: Result<(), StoreError>) {
-        if let Ok(mut recent) = self.recent.lock() {
+        {
+            // A panic elsewhere while holding the lock leaves the entries as they were.
+            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
             match &result {
                 Ok(()) => {
                     for command in &group {
@@ -953,7 +980,10 @@ mod recent_tests {
         let mut r = RecentEntries::default();
         r.insert(entry(1, 1));
         r.write_failed = Some("disk full".into());
-        let err = durability(r).wait_on_disk(1).unwrap_err();
+        let d = durability(r);
+        let err = d.wait_on_disk(1).unwrap_err();
         assert!(err.to_string().contains("disk full"), "{err}");
+        // What reached the disk before the failure is still there.
+        d.wait_on_disk(0).unwrap();
     }
 }

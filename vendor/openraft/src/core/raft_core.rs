@@ -1391,10 +1391,11 @@ where
                     let err = StorageIOError::write_logs(AnyError::error(e));
                     return Err(Fatal::StorageError(StorageError::from(err)));
                 }
-                // A flush under an earlier leadership of this node counts for nothing now; the
-                // next leadership's first entry is flushed after it anyway.
-                if self.does_vote_match(&vote, "LocalLogFlushed") {
-                    if let Ok(mut lh) = self.engine.leader_handler() {
+                // A flush under an earlier leadership of this node counts for nothing now (and
+                // is expected after a step-down: no warning); the next leadership's first entry
+                // is flushed after it anyway.
+                if let Ok(mut lh) = self.engine.leader_handler() {
+                    if lh.leader.vote == vote {
                         lh.replication_handler().update_local_progress(Some(log_id));
                     }
                 }
@@ -1671,7 +1672,14 @@ where
                 let last_log_id = entries.last().unwrap().get_log_id().clone();
                 tracing::debug!("AppendInputEntries: {}", DisplaySlice::<_>(&entries),);
 
-                if self.engine.leader.is_some() {
+                // Entries of this node's own leadership. The write lock is never held here:
+                // `QuitLeader` releases it before any later command runs.
+                let in_flight = if self.engine.leader.as_ref().is_some_and(|l| l.vote == vote) {
+                    self.leader_flushes.pending.clone().try_read_owned().ok()
+                } else {
+                    None
+                };
+                if let Some(in_flight) = in_flight {
                     // The leader submits its own entries and goes on without waiting for the
                     // flush: the replication commands queued after this one send them to the
                     // followers while they are being written here. The leader's copy counts
@@ -1679,9 +1687,6 @@ where
                     let (tx, rx) = C::AsyncRuntime::oneshot();
                     let log_io_id = LogIOId::new(vote.clone(), Some(last_log_id.clone()));
                     let callback = LogFlushed::new(log_io_id, tx);
-                    // Never held by another writer here: `QuitLeader` takes the write lock and
-                    // releases it before any later command runs.
-                    let in_flight = self.leader_flushes.pending.clone().try_read_owned();
                     self.log_store.append(entries, callback).await?;
                     let tx_notify = self.tx_notify.clone();
                     let failed = self.leader_flushes.failed.clone();

@@ -156,12 +156,16 @@ where C: RaftTypeConfig
 
         // Previously it is a leader. restore it as leader at once
         if self.state.is_leader(&self.config.id) {
+            // What the log holds on disk, before becoming leader may append a blank entry: that
+            // one counts toward a quorum only once its flush is reported.
+            let on_disk = self.state.last_log_id().cloned();
+
             self.vote_handler().update_internal_server_state();
 
             let mut rh = self.replication_handler();
 
             // Restore the progress about the local log
-            rh.update_local_progress(rh.state.last_log_id().cloned());
+            rh.update_local_progress(on_disk);
 
             rh.initiate_replication(SendNone::False);
 
