@@ -73,9 +73,7 @@ struct LogShared {
     /// Joined on drop, so the last handle going away means every queued write is done.
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// The newest entries, on disk or not yet; reads overlay them on the database.
-    recent: Arc<Mutex<RecentEntries>>,
-    /// Signalled each time entries reach the disk or the writer fails.
-    flushed: Arc<Condvar>,
+    recent: Arc<SharedRecent>,
     /// A second connection for log reads (replication streams), so that they never queue
     /// behind an append's fsync. WAL gives it every transaction committed before the read starts.
     reader: Mutex<Connection>,
@@ -103,8 +101,7 @@ impl LogStore {
         let reader = open_live(path, Access::ReadOnly)?;
         let committed: Option<LogId> = get_meta(&reader, path, KEY_COMMITTED)?;
         let committed = Arc::new(AtomicU64::new(committed.map_or(0, |c| c.index)));
-        let recent = Arc::new(Mutex::new(RecentEntries::default()));
-        let flushed = Arc::new(Condvar::new());
+        let recent = Arc::new(SharedRecent::default());
         let committed_latest = Arc::new(Mutex::new(PendingCommitted::default()));
         let (tx, rx) = mpsc::channel();
         let thread = Writer {
@@ -112,7 +109,6 @@ impl LogStore {
             path: path.to_path_buf(),
             rx,
             recent: recent.clone(),
-            flushed: flushed.clone(),
             committed_latest: committed_latest.clone(),
             failed: None,
         };
@@ -126,7 +122,6 @@ impl LogStore {
                 writer: Mutex::new(tx),
                 thread: Mutex::new(Some(handle)),
                 recent,
-                flushed,
                 reader: Mutex::new(reader),
                 committed,
                 committed_latest,
@@ -145,7 +140,6 @@ impl LogStore {
         LogDurability {
             path: self.inner.path.clone(),
             recent: self.inner.recent.clone(),
-            flushed: self.inner.flushed.clone(),
         }
     }
 
@@ -192,7 +186,7 @@ impl LogStore {
             .send(command)
             .map_err(|_| {
                 let why = "the log writer stopped";
-                writer_failed(&self.inner.recent, &self.inner.flushed, why);
+                self.inner.recent.writer_failed(why);
                 StoreError::Task(why.into())
             })
     }
@@ -269,7 +263,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         // The newest entries are served from memory (all of those not yet on disk are among
         // them). Only ask the database for what lies before the first one held.
         let (pending, db_end) = {
-            let recent = lock(&self.inner.recent, &self.inner.path)
+            let recent = lock(&self.inner.recent.entries, &self.inner.path)
                 .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Read))?;
             let pending = recent.range(start as u64, end as u64);
             let db_end = match recent.first_index() {
@@ -307,7 +301,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
-        let last_unflushed = lock(&self.inner.recent, &self.inner.path)
+        let last_unflushed = lock(&self.inner.recent.entries, &self.inner.path)
             .map_err(|e| e.into_storage(ErrorSubject::Logs, ErrorVerb::Read))?
             .last_log_id();
         let state = self
@@ -403,7 +397,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let fail = |e: StoreError| e.into_storage(ErrorSubject::Logs, ErrorVerb::Write);
         {
-            let mut recent = lock(&self.inner.recent, &self.inner.path).map_err(fail)?;
+            let mut recent = lock(&self.inner.recent.entries, &self.inner.path).map_err(fail)?;
             for e in &entries {
                 recent.insert(e.clone());
             }
@@ -416,7 +410,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Queued appends of these indexes still reach the database, but the DELETE below runs
         // after them in the same order; readers stop seeing them now.
-        lock(&self.inner.recent, &self.inner.path)
+        lock(&self.inner.recent.entries, &self.inner.path)
             .map_err(|e| e.into_storage(ErrorSubject::Log(log_id), ErrorVerb::Write))?
             .truncate_from(log_id.index);
         self.write(ErrorSubject::Log(log_id), move |tx, path| {
@@ -434,7 +428,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// transaction, so that `get_log_state` never sees the entries gone without the pointer.
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         // Only entries behind a snapshot are purged: long on disk, never pending.
-        lock(&self.inner.recent, &self.inner.path)
+        lock(&self.inner.recent.entries, &self.inner.path)
             .map_err(|e| e.into_storage(ErrorSubject::Log(log_id), ErrorVerb::Write))?
             .purge_upto(log_id.index);
         self.write(ErrorSubject::Log(log_id), move |tx, path| {
@@ -475,8 +469,7 @@ impl Drop for LogShared {
 #[derive(Clone)]
 pub(crate) struct LogDurability {
     path: PathBuf,
-    recent: Arc<Mutex<RecentEntries>>,
-    flushed: Arc<Condvar>,
+    recent: Arc<SharedRecent>,
 }
 
 impl LogDurability {
@@ -487,7 +480,7 @@ impl LogDurability {
     /// follower, which flushes before it acknowledges, and on a leader at most for one group
     /// commit.
     pub(crate) fn wait_on_disk(&self, index: u64) -> Result<(), StoreError> {
-        let mut recent = lock(&self.recent, &self.path)?;
+        let mut recent = lock(&self.recent.entries, &self.path)?;
         loop {
             if !matches!(recent.first_pending(), Some(p) if p <= index) {
                 return Ok(());
@@ -498,6 +491,7 @@ impl LogDurability {
                 )));
             }
             recent = self
+                .recent
                 .flushed
                 .wait(recent)
                 .map_err(|_| StoreError::Task("a log lock was poisoned".into()))?;
@@ -505,12 +499,23 @@ impl LogDurability {
     }
 }
 
-/// Records that nothing pending will reach the disk any more, and wakes every waiter. Works on
-/// a poisoned lock too: a waiter must never be left behind.
-fn writer_failed(recent: &Mutex<RecentEntries>, flushed: &Condvar, why: &str) {
-    let mut recent = recent.lock().unwrap_or_else(PoisonError::into_inner);
-    recent.write_failed.get_or_insert_with(|| why.to_owned());
-    flushed.notify_all();
+/// [`RecentEntries`] and the signal that some of them reached the disk, shared by the store,
+/// its writer thread and [`LogDurability`].
+#[derive(Default)]
+struct SharedRecent {
+    entries: Mutex<RecentEntries>,
+    /// Signalled each time entries reach the disk or the writer stops.
+    flushed: Condvar,
+}
+
+impl SharedRecent {
+    /// Records that nothing pending will reach the disk any more, and wakes every waiter.
+    /// Works on a poisoned lock too: a waiter must never be left behind.
+    fn writer_failed(&self, why: &str) {
+        let mut recent = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        recent.write_failed.get_or_insert_with(|| why.to_owned());
+        self.flushed.notify_all();
+    }
 }
 
 /// How many entries already on disk [`RecentEntries`] keeps, at most...
@@ -676,9 +681,7 @@ struct Writer {
     conn: Connection,
     path: PathBuf,
     rx: mpsc::Receiver<Command>,
-    recent: Arc<Mutex<RecentEntries>>,
-    /// Signalled after each group commit; see [`LogDurability`].
-    flushed: Arc<Condvar>,
+    recent: Arc<SharedRecent>,
     /// The committed log id to write with the next transaction, when dirty.
     committed_latest: Arc<Mutex<PendingCommitted>>,
     /// Set by the first failed commit: nothing is written after it, every later command fails
@@ -690,7 +693,7 @@ impl Writer {
     fn run(mut self) {
         // However the thread ends (every LogStore handle dropped, or a panic), a wait for an
         // entry still pending must not last forever.
-        struct Stopped(Arc<Mutex<RecentEntries>>, Arc<Condvar>);
+        struct Stopped(Arc<SharedRecent>);
         impl Drop for Stopped {
             fn drop(&mut self) {
                 let why = if std::thread::panicking() {
@@ -698,10 +701,10 @@ impl Writer {
                 } else {
                     "the log writer thread stopped"
                 };
-                writer_failed(&self.0, &self.1, why);
+                self.0.writer_failed(why);
             }
         }
-        let _stopped = Stopped(self.recent.clone(), self.flushed.clone());
+        let _stopped = Stopped(self.recent.clone());
         // Ends when every LogStore handle is dropped.
         while let Ok(first) = self.rx.recv() {
             let mut group = vec![first];
@@ -761,28 +764,28 @@ impl Writer {
 
     /// Reports the group's outcome: flush callbacks, waiting writers, and the recent entries.
     fn finish(&self, group: Vec<Command>, result: Result<(), StoreError>) {
-        {
-            // A panic elsewhere while holding the lock leaves the entries as they were.
-            let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
-            match &result {
-                Ok(()) => {
-                    for command in &group {
-                        if let Command::Append { entries, .. } = command {
-                            for e in entries {
-                                recent.on_disk(&e.log_id);
-                            }
+        match &result {
+            Ok(()) => {
+                // A panic elsewhere while holding the lock leaves the entries as they were.
+                let mut recent = self
+                    .recent
+                    .entries
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                for command in &group {
+                    if let Command::Append { entries, .. } = command {
+                        for e in entries {
+                            recent.on_disk(&e.log_id);
                         }
                     }
-                    recent.evict();
                 }
-                Err(e) => {
-                    recent.write_failed.get_or_insert_with(|| e.to_string());
-                }
+                recent.evict();
+                self.recent.flushed.notify_all();
             }
-            self.flushed.notify_all();
-        }
-        if let Err(e) = &result {
-            tracing::error!(error = %e, path = %self.path.display(), "the Raft log could not be written");
+            Err(e) => {
+                tracing::error!(error = %e, path = %self.path.display(), "the Raft log could not be written");
+                self.recent.writer_failed(&e.to_string());
+            }
         }
         for command in group {
             match command {
@@ -932,8 +935,10 @@ mod recent_tests {
     fn durability(recent: RecentEntries) -> LogDurability {
         LogDurability {
             path: PathBuf::from("raft-log.db"),
-            recent: Arc::new(Mutex::new(recent)),
-            flushed: Arc::new(Condvar::new()),
+            recent: Arc::new(SharedRecent {
+                entries: Mutex::new(recent),
+                flushed: Condvar::new(),
+            }),
         }
     }
 
@@ -960,11 +965,11 @@ mod recent_tests {
         // The flush of 2 alone does not release a wait for 3; that of 2 and 3 does, while 4
         // is still pending.
         let flush = |ids: &[u64]| {
-            let mut r = d.recent.lock().unwrap();
+            let mut r = d.recent.entries.lock().unwrap();
             for &i in ids {
                 r.on_disk(&entry(1, i).log_id);
             }
-            d.flushed.notify_all();
+            d.recent.flushed.notify_all();
         };
         flush(&[2]);
         assert_eq!(done_rx.try_recv(), Err(mpsc::TryRecvError::Empty));
@@ -972,7 +977,7 @@ mod recent_tests {
         let released = done_rx.recv_timeout(std::time::Duration::from_secs(10));
         assert_eq!(released, Ok(true));
         waiter.join().unwrap();
-        assert_eq!(d.recent.lock().unwrap().first_pending(), Some(4));
+        assert_eq!(d.recent.entries.lock().unwrap().first_pending(), Some(4));
     }
 
     #[test]
