@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::fanout::Shared;
-use crate::http::{next_chunk, Http};
+use crate::http::{next_chunk, Conn, Http};
 use crate::load::{find_stamp, payload, Lines, Writer};
 use crate::procs::{free_port, Proc};
 
@@ -236,8 +236,7 @@ impl Cluster {
 
 /// Writes messages to one node of the cluster, remembering which were acknowledged.
 pub struct CrWriter {
-    http: Http,
-    addr: String,
+    conn: Conn,
     conv: String,
     /// This writer's number, part of every message id.
     pub id: usize,
@@ -250,8 +249,7 @@ pub struct CrWriter {
 impl CrWriter {
     pub fn new(http: &Http, addr: &str, conv: &str, id: usize) -> Self {
         CrWriter {
-            http: http.clone(),
-            addr: addr.to_string(),
+            conn: Conn::new(addr, http.timeout()),
             conv: conv.to_string(),
             id,
             acked: Vec::new(),
@@ -268,16 +266,16 @@ impl Writer for CrWriter {
             payload(&format!("c{}-{n}", self.id))
         );
         match self
-            .http
-            .post_json(&self.addr, "/api/v1/message", Bytes::from(body))
+            .conn
+            .post_json("/api/v1/message", body.as_bytes())
             .await
         {
-            Ok((code, _)) if code.as_u16() == 201 => {
+            Ok((201, _)) => {
                 self.acked.push(n);
                 Ok(())
             }
             Ok((code, body)) => {
-                if code.is_server_error() {
+                if code >= 500 {
                     self.unknown += 1;
                 }
                 Err(format!("{code}: {}", String::from_utf8_lossy(&body)))

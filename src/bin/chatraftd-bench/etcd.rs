@@ -12,7 +12,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::fanout::Shared;
-use crate::http::{next_chunk, Http};
+use crate::http::{next_chunk, Conn, Http};
 use crate::load::{find_stamp, payload, Lines, Writer};
 use crate::procs::{free_port, Proc};
 
@@ -125,16 +125,14 @@ impl Etcd {
 
 /// Puts one key per message.
 pub struct EtcdWriter {
-    http: Http,
-    addr: String,
+    conn: Conn,
     prefix: String,
 }
 
 impl EtcdWriter {
     pub fn new(http: &Http, addr: &str, prefix: &str, id: usize) -> Self {
         EtcdWriter {
-            http: http.clone(),
-            addr: addr.to_string(),
+            conn: Conn::new(addr, http.timeout()),
             prefix: format!("{prefix}/{id}"),
         }
     }
@@ -148,8 +146,8 @@ impl Writer for EtcdWriter {
             b64(key.as_bytes()),
             b64(payload(&key).as_bytes())
         );
-        match self.http.post_json(&self.addr, "/v3/kv/put", body).await? {
-            (code, _) if code.is_success() => Ok(()),
+        match self.conn.post_json("/v3/kv/put", body.as_bytes()).await? {
+            (200..=299, _) => Ok(()),
             (code, body) => Err(format!("{code}: {}", String::from_utf8_lossy(&body))),
         }
     }

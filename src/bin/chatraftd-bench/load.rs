@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use crate::procs::cpu_secs;
 use crate::stats::Histogram;
 
 /// The bytes of every payload, about the size of a chat message.
@@ -65,6 +66,10 @@ pub struct LoadResult<W> {
     pub errors: u64,
     pub first_error: Option<String>,
     pub elapsed: Duration,
+    /// CPU seconds the servers used meanwhile (user plus system, all of them together).
+    pub server_cpu: f64,
+    /// CPU seconds this process (the clients) used meanwhile.
+    pub bench_cpu: f64,
 }
 
 impl<W> LoadResult<W> {
@@ -83,17 +88,28 @@ impl<W> LoadResult<W> {
         if let Some(e) = &self.first_error {
             v["first_error"] = json!(e);
         }
+        // What each acknowledged message cost the machine: on two shared cores, CPU per
+        // message is what bounds throughput, so it says more than msgs/s alone.
+        let per_msg = |cpu: f64| (cpu * 1e6 / acked.max(1) as f64).round();
+        v["server_cpu_pct"] = json!((self.server_cpu / secs * 100.0).round());
+        v["bench_cpu_pct"] = json!((self.bench_cpu / secs * 100.0).round());
+        v["server_cpu_us_per_msg"] = json!(per_msg(self.server_cpu));
+        v["bench_cpu_us_per_msg"] = json!(per_msg(self.bench_cpu));
         v
     }
 }
 
 /// Every writer sends back to back until `duration` has passed or `max_total` messages were
-/// started, whichever comes first. Latency counts only acknowledged messages.
+/// started, whichever comes first. Latency counts only acknowledged messages; `pids` are the
+/// servers whose CPU time is measured.
 pub async fn closed_loop<W: Writer>(
     writers: Vec<W>,
     duration: Duration,
     max_total: u64,
+    pids: &[u32],
 ) -> LoadResult<W> {
+    let server_cpu = || pids.iter().map(|&p| cpu_secs(p)).sum::<f64>();
+    let (server_before, bench_before) = (server_cpu(), cpu_secs(std::process::id()));
     let started = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + duration;
@@ -131,6 +147,8 @@ pub async fn closed_loop<W: Writer>(
         errors: 0,
         first_error: None,
         elapsed: Duration::ZERO,
+        server_cpu: 0.0,
+        bench_cpu: 0.0,
     };
     for t in tasks {
         let (w, h, e, fe) = t.await.expect("a writer task panicked");
@@ -142,6 +160,8 @@ pub async fn closed_loop<W: Writer>(
         }
     }
     result.elapsed = start.elapsed();
+    result.server_cpu = server_cpu() - server_before;
+    result.bench_cpu = cpu_secs(std::process::id()) - bench_before;
     result
 }
 

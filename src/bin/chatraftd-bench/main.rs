@@ -344,8 +344,13 @@ async fn run_chatraftd(
                             CrWriter::new(&cluster.http, addr, &conv, i)
                         })
                         .collect();
-                    let r =
-                        closed_loop(writers, secs(sizes.write_secs), MAX_WRITES_PER_POINT).await;
+                    let r = closed_loop(
+                        writers,
+                        secs(sizes.write_secs),
+                        MAX_WRITES_PER_POINT,
+                        &cluster.pids(),
+                    )
+                    .await;
                     let mut v = r.to_json();
                     v["system"] = json!("chatraftd");
                     v["mode"] = json!(mode);
@@ -448,7 +453,7 @@ async fn load_messages(args: &Args, sizes: &Sizes, cluster: &Cluster) -> Result<
         "  chatraftd: storing {} messages (at most {limit:?})",
         sizes.messages
     );
-    let r = closed_loop(writers, limit, sizes.messages).await;
+    let r = closed_loop(writers, limit, sizes.messages, &cluster.pids()).await;
     let (_, leader) = cluster.leader().await?;
     let path =
         format!("/api/v1/messages?conv_id={LOAD_CONV}&from=1&limit=1&consistency=linearizable");
@@ -544,8 +549,13 @@ async fn run_etcd(
                             etcd::EtcdWriter::new(&etcd.http, addr, &prefix, i)
                         })
                         .collect();
-                    let r =
-                        closed_loop(writers, secs(sizes.write_secs), MAX_WRITES_PER_POINT).await;
+                    let r = closed_loop(
+                        writers,
+                        secs(sizes.write_secs),
+                        MAX_WRITES_PER_POINT,
+                        &etcd.pids(),
+                    )
+                    .await;
                     let mut v = r.to_json();
                     v["system"] = json!("etcd");
                     v["mode"] = json!(mode);
@@ -609,8 +619,13 @@ async fn run_nats(
                             nats::NatsWriter::new(addr, &subject, i)
                         })
                         .collect();
-                    let r =
-                        closed_loop(writers, secs(sizes.write_secs), MAX_WRITES_PER_POINT).await;
+                    let r = closed_loop(
+                        writers,
+                        secs(sizes.write_secs),
+                        MAX_WRITES_PER_POINT,
+                        &nats.pids(),
+                    )
+                    .await;
                     let mut v = r.to_json();
                     v["system"] = json!("nats");
                     v["mode"] = json!(mode);

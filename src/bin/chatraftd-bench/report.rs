@@ -233,6 +233,32 @@ fn writes_section(s: &mut String, res: &Results, dir: &Path) {
             }
         }
         s.push('\n');
+        let _ = writeln!(
+            s,
+            "### CPU, {label}\n\nCPU time (user plus system) per acknowledged message, of the three \
+             servers together and of the bench's clients; 200% is both cores.\n"
+        );
+        let _ = writeln!(
+            s,
+            "| clients | system | servers µs/msg | clients µs/msg | servers % | clients % |\n|---:|---|---:|---:|---:|---:|"
+        );
+        for c in &concs {
+            let cv = json!(c);
+            for sys in SYSTEMS {
+                let Some(r) = find(&res.writes, sys, "concurrency", &cv, Some(mode)) else {
+                    continue;
+                };
+                let _ = writeln!(
+                    s,
+                    "| {c} | {sys} | {} | {} | {} | {} |",
+                    num(&r["server_cpu_us_per_msg"]),
+                    num(&r["bench_cpu_us_per_msg"]),
+                    num(&r["server_cpu_pct"]),
+                    num(&r["bench_cpu_pct"]),
+                );
+            }
+        }
+        s.push('\n');
     }
 }
 
