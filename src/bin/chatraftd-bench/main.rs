@@ -344,6 +344,7 @@ async fn run_chatraftd(
                             CrWriter::new(&cluster.http, addr, &conv, i)
                         })
                         .collect();
+                    let commit_before = cluster.status(&leader).await?.commit_index;
                     let r = closed_loop(
                         writers,
                         secs(sizes.write_secs),
@@ -352,6 +353,16 @@ async fn run_chatraftd(
                     )
                     .await;
                     let mut v = r.to_json();
+                    // Group commit at work: how many messages each Raft entry carried.
+                    let entries = cluster
+                        .status(&leader)
+                        .await?
+                        .commit_index
+                        .saturating_sub(commit_before);
+                    v["raft_entries"] = json!(entries);
+                    v["msgs_per_entry"] = json!(
+                        (r.hist.count() as f64 / entries.max(1) as f64 * 10.0).round() / 10.0
+                    );
                     v["system"] = json!("chatraftd");
                     v["mode"] = json!(mode);
                     v["concurrency"] = json!(c);
