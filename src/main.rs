@@ -95,7 +95,14 @@ fn main() -> ExitCode {
         sys::reload_on_sighup(path, config.clone(), log, security.clone())
     };
     runtime.spawn(reload);
-    match runtime.block_on(server::run(config, security, sys::stop_signal())) {
+    // The server runs as a task on the worker threads, not on this thread inside `block_on`:
+    // it waits on Raft's metrics, which change several times per write, and every change
+    // would otherwise wake this thread (a context switch each) just to look at them.
+    let server = runtime.spawn(server::run(config, security, sys::stop_signal()));
+    let outcome = runtime
+        .block_on(server)
+        .unwrap_or_else(|e| Err(server::ServerError::Panicked(e.to_string())));
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

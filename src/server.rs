@@ -42,6 +42,8 @@ pub enum ServerError {
     },
     #[error("Raft: {0}")]
     Raft(String),
+    #[error("the server task failed: {0}")]
+    Panicked(String),
 }
 
 /// Holds the data dir's lock for the life of the process; the kernel drops it if we crash.
