@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::procs::cpu_secs;
+use crate::procs::{context_switches, cpu_secs};
 use crate::stats::Histogram;
 
 /// The bytes of every payload, about the size of a chat message.
@@ -70,6 +70,8 @@ pub struct LoadResult<W> {
     pub server_cpu: f64,
     /// CPU seconds this process (the clients) used meanwhile.
     pub bench_cpu: f64,
+    /// Context switches of the servers' threads meanwhile.
+    pub server_switches: u64,
 }
 
 impl<W> LoadResult<W> {
@@ -95,6 +97,10 @@ impl<W> LoadResult<W> {
         v["bench_cpu_pct"] = json!((self.bench_cpu / secs * 100.0).round());
         v["server_cpu_us_per_msg"] = json!(per_msg(self.server_cpu));
         v["bench_cpu_us_per_msg"] = json!(per_msg(self.bench_cpu));
+        // Unlike CPU time, which a busy neighbour on the host inflates, this count moves
+        // only with what the servers do.
+        v["server_switches_per_msg"] =
+            json!((self.server_switches as f64 / acked.max(1) as f64 * 10.0).round() / 10.0);
         v
     }
 }
@@ -109,7 +115,9 @@ pub async fn closed_loop<W: Writer>(
     pids: &[u32],
 ) -> LoadResult<W> {
     let server_cpu = || pids.iter().map(|&p| cpu_secs(p)).sum::<f64>();
+    let switches = || pids.iter().map(|&p| context_switches(p)).sum::<u64>();
     let (server_before, bench_before) = (server_cpu(), cpu_secs(std::process::id()));
+    let switches_before = switches();
     let started = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + duration;
@@ -149,6 +157,7 @@ pub async fn closed_loop<W: Writer>(
         elapsed: Duration::ZERO,
         server_cpu: 0.0,
         bench_cpu: 0.0,
+        server_switches: 0,
     };
     for t in tasks {
         let (w, h, e, fe) = t.await.expect("a writer task panicked");
@@ -162,6 +171,7 @@ pub async fn closed_loop<W: Writer>(
     result.elapsed = start.elapsed();
     result.server_cpu = server_cpu() - server_before;
     result.bench_cpu = cpu_secs(std::process::id()) - bench_before;
+    result.server_switches = switches().saturating_sub(switches_before);
     result
 }
 

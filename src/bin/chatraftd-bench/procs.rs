@@ -182,6 +182,25 @@ pub fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / TICKS_PER_SEC
 }
 
+/// Context switches (voluntary and not) of all of a process's live threads. A thread that
+/// ended meanwhile takes its count with it, so a difference of two readings is a lower bound.
+pub fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// Resident memory of a process in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -236,12 +236,13 @@ fn writes_section(s: &mut String, res: &Results, dir: &Path) {
         let _ = writeln!(
             s,
             "### CPU, {label}\n\nCPU time (user plus system) per acknowledged message, of the three \
-             servers together and of the bench's clients; 200% is both cores. For chatraftd, \
-             the messages each Raft entry carried (group commit).\n"
+             servers together and of the bench's clients (200% is both cores); the servers' \
+             context switches per message (all their threads); for chatraftd, the messages \
+             each Raft entry carried (group commit).\n"
         );
         let _ = writeln!(
             s,
-            "| clients | system | servers µs/msg | clients µs/msg | servers % | clients % | msgs/entry |\n|---:|---|---:|---:|---:|---:|---:|"
+            "| clients | system | servers µs/msg | clients µs/msg | servers % | clients % | switches/msg | msgs/entry |\n|---:|---|---:|---:|---:|---:|---:|---:|"
         );
         for c in &concs {
             let cv = json!(c);
@@ -251,11 +252,12 @@ fn writes_section(s: &mut String, res: &Results, dir: &Path) {
                 };
                 let _ = writeln!(
                     s,
-                    "| {c} | {sys} | {} | {} | {} | {} | {} |",
+                    "| {c} | {sys} | {} | {} | {} | {} | {} | {} |",
                     num(&r["server_cpu_us_per_msg"]),
                     num(&r["bench_cpu_us_per_msg"]),
                     num(&r["server_cpu_pct"]),
                     num(&r["bench_cpu_pct"]),
+                    num(&r["server_switches_per_msg"]),
                     num(&r["msgs_per_entry"]),
                 );
             }
