@@ -86,6 +86,11 @@ struct Args {
     /// Seconds each write measurement lasts
     #[arg(long)]
     write_secs: Option<f64>,
+    /// Rounds of the write scenario: each round runs every system's writes once, system after
+    /// system, and each write figure is the median over the rounds, so that a slow spell of
+    /// the machine does not fall on one system alone
+    #[arg(long)]
+    rounds: Option<usize>,
     /// Subscriber counts for the fan-out scenario
     #[arg(long, value_delimiter = ',')]
     subscribers: Option<Vec<usize>>,
@@ -129,6 +134,7 @@ struct Args {
 pub struct Sizes {
     pub concurrency: Vec<usize>,
     pub write_secs: f64,
+    pub rounds: usize,
     pub subscribers: Vec<usize>,
     pub fanout_rate: u64,
     pub fanout_secs: f64,
@@ -141,6 +147,7 @@ impl Sizes {
             Sizes {
                 concurrency: vec![1, 64],
                 write_secs: 1.0,
+                rounds: 1,
                 subscribers: vec![100],
                 fanout_rate: 200,
                 fanout_secs: 2.0,
@@ -150,6 +157,7 @@ impl Sizes {
             Sizes {
                 concurrency: vec![1, 16, 64, 256],
                 write_secs: 1.0,
+                rounds: 1,
                 subscribers: vec![100, 1_000],
                 fanout_rate: 500,
                 fanout_secs: 2.0,
@@ -158,7 +166,8 @@ impl Sizes {
         } else {
             Sizes {
                 concurrency: vec![1, 16, 64, 256],
-                write_secs: 5.0,
+                write_secs: 3.0,
+                rounds: 3,
                 subscribers: vec![100, 1_000, 10_000],
                 fanout_rate: 1_000,
                 fanout_secs: 5.0,
@@ -170,6 +179,9 @@ impl Sizes {
         }
         if let Some(v) = a.write_secs {
             s.write_secs = v;
+        }
+        if let Some(v) = a.rounds {
+            s.rounds = v.max(1);
         }
         if let Some(v) = &a.subscribers {
             s.subscribers = v.clone();
@@ -190,7 +202,10 @@ impl Sizes {
 /// Everything measured, in the shape written to `results.json`.
 #[derive(Default)]
 pub struct Results {
+    /// One entry per system, mode and concurrency: the median over the rounds.
     pub writes: Vec<Value>,
+    /// Every round's own write figures.
+    pub write_rounds: Vec<Value>,
     pub verify: Vec<Value>,
     pub fanout: Vec<Value>,
     pub catchup: Option<Value>,
@@ -258,12 +273,36 @@ async fn run(args: Args) -> ExitCode {
     let signal = ::chatraftd::sys::stop_signal();
     tokio::pin!(signal);
     let mut interrupted = false;
-    for sys in &args.systems {
+    // First the write rounds, system after system in each; then every other scenario.
+    let writes_only = [Scenario::Writes];
+    let others: Vec<Scenario> = args
+        .scenarios
+        .iter()
+        .copied()
+        .filter(|s| *s != Scenario::Writes)
+        .collect();
+    let mut steps = Vec::new();
+    if args.scenarios.contains(&Scenario::Writes) {
+        for round in 1..=sizes.rounds {
+            for sys in &args.systems {
+                steps.push((*sys, &writes_only[..], round));
+            }
+        }
+    }
+    if !others.is_empty() {
+        for sys in &args.systems {
+            steps.push((*sys, &others[..], 0));
+        }
+    }
+    for (sys, scenarios, round) in steps {
+        let plan = Plan { scenarios, round };
         let one = async {
             match sys {
-                System::Chatraftd => run_chatraftd(&args, &sizes, &bin, &work, &mut res).await,
-                System::Etcd => run_etcd(&args, &sizes, &work, &mut res).await,
-                System::Nats => run_nats(&args, &sizes, &work, &mut res).await,
+                System::Chatraftd => {
+                    run_chatraftd(&args, &sizes, &plan, &bin, &work, &mut res).await
+                }
+                System::Etcd => run_etcd(&args, &sizes, &plan, &work, &mut res).await,
+                System::Nats => run_nats(&args, &sizes, &plan, &work, &mut res).await,
             }
         };
         let r = tokio::select! {
@@ -284,6 +323,7 @@ async fn run(args: Args) -> ExitCode {
             break;
         }
     }
+    res.writes = stats::medians(&res.write_rounds);
     let meta = json!({
         "started": started.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         "finished": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -313,6 +353,27 @@ async fn run(args: Args) -> ExitCode {
     }
 }
 
+/// What one start of a system runs.
+struct Plan<'a> {
+    scenarios: &'a [Scenario],
+    /// The write round (from 1), or 0 when the scenarios hold no writes.
+    round: usize,
+}
+
+impl Plan<'_> {
+    fn has(&self, s: Scenario) -> bool {
+        self.scenarios.contains(&s)
+    }
+
+    /// The work dir of this start of `system`: every start begins with empty data dirs.
+    fn dir(&self, system: &str) -> String {
+        match self.round {
+            0 => system.to_string(),
+            r => format!("{system}-writes-{r}"),
+        }
+    }
+}
+
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
@@ -320,15 +381,18 @@ fn secs(s: f64) -> Duration {
 async fn run_chatraftd(
     args: &Args,
     sizes: &Sizes,
+    plan: &Plan<'_>,
     bin: &std::path::Path,
     work: &WorkDir,
     res: &mut Results,
 ) -> Result<(), String> {
-    let root = work.sub("chatraftd").map_err(|e| e.to_string())?;
+    let root = work
+        .sub(&plan.dir("chatraftd"))
+        .map_err(|e| e.to_string())?;
     eprintln!("chatraftd-bench: starting a three-node chatraftd cluster");
     let mut cluster = Cluster::start(bin, &root, 3).await?;
     let outcome = async {
-        if args.scenarios.contains(&Scenario::Writes) {
+        if plan.has(Scenario::Writes) {
             for mode in ["spread", "leader"] {
                 for &c in &sizes.concurrency {
                     let (_, leader) = cluster.leader().await?;
@@ -366,8 +430,9 @@ async fn run_chatraftd(
                     v["system"] = json!("chatraftd");
                     v["mode"] = json!(mode);
                     v["concurrency"] = json!(c);
+                    v["round"] = json!(plan.round);
                     eprintln!("  chatraftd writes {mode} c={c}: {v}");
-                    res.writes.push(v);
+                    res.write_rounds.push(v);
                     let check = cluster::verify(&cluster, &conv, &r.writers).await;
                     if check["ok"] != true {
                         eprintln!("  LOST OR DUPLICATED MESSAGES: {check}");
@@ -376,7 +441,7 @@ async fn run_chatraftd(
                 }
             }
         }
-        if args.scenarios.contains(&Scenario::Fanout) {
+        if plan.has(Scenario::Fanout) {
             for &n in &sizes.subscribers {
                 let conv = format!("fan-{n}");
                 let apis = cluster.apis();
@@ -401,11 +466,10 @@ async fn run_chatraftd(
                 res.fanout.push(v);
             }
         }
-        let big = args.scenarios.contains(&Scenario::Catchup)
-            || args.scenarios.contains(&Scenario::Recovery);
+        let big = plan.has(Scenario::Catchup) || plan.has(Scenario::Recovery);
         if big {
             let mut c = load_messages(args, sizes, &cluster).await?;
-            if args.scenarios.contains(&Scenario::Catchup) {
+            if plan.has(Scenario::Catchup) {
                 let stored = c["stored"].as_u64().unwrap_or(0);
                 let (_, leader) = cluster.leader().await?;
                 let limit = Duration::from_secs(if args.quick || args.ci { 60 } else { 240 });
@@ -423,7 +487,7 @@ async fn run_chatraftd(
             eprintln!("  chatraftd catch-up: {c}");
             res.catchup = Some(c);
         }
-        if args.scenarios.contains(&Scenario::Recovery) {
+        if plan.has(Scenario::Recovery) {
             let r = recovery(&mut cluster, &res.catchup).await?;
             eprintln!("  chatraftd recovery: {r}");
             res.recovery = Some(r);
@@ -538,14 +602,15 @@ async fn recovery(cluster: &mut Cluster, catchup: &Option<Value>) -> Result<Valu
 async fn run_etcd(
     args: &Args,
     sizes: &Sizes,
+    plan: &Plan<'_>,
     work: &WorkDir,
     res: &mut Results,
 ) -> Result<(), String> {
-    let root = work.sub("etcd").map_err(|e| e.to_string())?;
+    let root = work.sub(&plan.dir("etcd")).map_err(|e| e.to_string())?;
     eprintln!("chatraftd-bench: starting a three-member etcd cluster");
     let mut etcd = etcd::Etcd::start(&args.etcd, &root).await?;
     let outcome = async {
-        if args.scenarios.contains(&Scenario::Writes) {
+        if plan.has(Scenario::Writes) {
             for mode in ["spread", "leader"] {
                 for &c in &sizes.concurrency {
                     let leader = etcd.leader().await?;
@@ -571,12 +636,13 @@ async fn run_etcd(
                     v["system"] = json!("etcd");
                     v["mode"] = json!(mode);
                     v["concurrency"] = json!(c);
+                    v["round"] = json!(plan.round);
                     eprintln!("  etcd writes {mode} c={c}: {v}");
-                    res.writes.push(v);
+                    res.write_rounds.push(v);
                 }
             }
         }
-        if args.scenarios.contains(&Scenario::Fanout) {
+        if plan.has(Scenario::Fanout) {
             for &n in &sizes.subscribers {
                 let prefix = format!("f{n}");
                 let writers: Vec<etcd::EtcdWriter> = (0..FANOUT_WRITERS)
@@ -606,16 +672,17 @@ async fn run_etcd(
 async fn run_nats(
     args: &Args,
     sizes: &Sizes,
+    plan: &Plan<'_>,
     work: &WorkDir,
     res: &mut Results,
 ) -> Result<(), String> {
-    let root = work.sub("nats").map_err(|e| e.to_string())?;
+    let root = work.sub(&plan.dir("nats")).map_err(|e| e.to_string())?;
     eprintln!("chatraftd-bench: starting a three-node NATS JetStream cluster");
     let mut nats = nats::Nats::start(&args.nats_server, &root).await?;
     eprintln!("chatraftd-bench: NATS server {}", nats.server);
     res.nats_server = Some(nats.server.clone());
     let outcome = async {
-        if args.scenarios.contains(&Scenario::Writes) {
+        if plan.has(Scenario::Writes) {
             for mode in ["spread", "leader"] {
                 for &c in &sizes.concurrency {
                     let leader = nats.stream_leader().await?;
@@ -641,12 +708,13 @@ async fn run_nats(
                     v["system"] = json!("nats");
                     v["mode"] = json!(mode);
                     v["concurrency"] = json!(c);
+                    v["round"] = json!(plan.round);
                     eprintln!("  nats writes {mode} c={c}: {v}");
-                    res.writes.push(v);
+                    res.write_rounds.push(v);
                 }
             }
         }
-        if args.scenarios.contains(&Scenario::Fanout) {
+        if plan.has(Scenario::Fanout) {
             for &n in &sizes.subscribers {
                 let subject = format!("bench.f.{n}");
                 let writers: Vec<nats::NatsWriter> = (0..FANOUT_WRITERS)

@@ -19,6 +19,7 @@ pub fn write(dir: &Path, meta: &Value, res: &Results, charts: bool) -> Result<()
     let all = json!({
         "meta": meta,
         "writes": res.writes,
+        "write_rounds": res.write_rounds,
         "verify": res.verify,
         "fanout": res.fanout,
         "catchup": res.catchup,
@@ -173,6 +174,30 @@ fn writes_section(s: &mut String, res: &Results, dir: &Path) {
         .collect();
     concs.sort_unstable();
     concs.dedup();
+    let rounds = res
+        .writes
+        .iter()
+        .filter_map(|r| r["rounds"].as_u64())
+        .max()
+        .unwrap_or(1);
+    if rounds > 1 {
+        let _ = writeln!(
+            s,
+            "The writes ran in {rounds} rounds, every system once in each, one after the other; \
+             every figure is the median over the rounds, and the throughput's range over the \
+             rounds follows it in brackets. `write_rounds` in `results.json` has each round.\n"
+        );
+    }
+    // A throughput with its range over the rounds, when there were several.
+    let tput = |r: &Value| match (r["msgs_per_s_min"].as_f64(), r["msgs_per_s_max"].as_f64()) {
+        (Some(lo), Some(hi)) if rounds > 1 => format!(
+            "{} ({}–{})",
+            num(&r["msgs_per_s"]),
+            num(&json!(lo)),
+            num(&json!(hi))
+        ),
+        _ => num(&r["msgs_per_s"]),
+    };
     for mode in ["spread", "leader"] {
         let label = if mode == "spread" {
             "writes spread over all nodes"
@@ -186,18 +211,17 @@ fn writes_section(s: &mut String, res: &Results, dir: &Path) {
         );
         for c in &concs {
             let cv = json!(c);
-            let get = |sys| {
-                find(&res.writes, sys, "concurrency", &cv, Some(mode)).map(|r| &r["msgs_per_s"])
-            };
+            let get = |sys| find(&res.writes, sys, "concurrency", &cv, Some(mode));
             let [a, b, n] = SYSTEMS.map(get);
+            let figure = |r: Option<&Value>| r.map(|r| &r["msgs_per_s"]).and_then(f);
             let _ = writeln!(
                 s,
                 "| {c} | {} | {} | {} | {} | {} |",
-                a.map_or("–".into(), num),
-                b.map_or("–".into(), num),
-                n.map_or("–".into(), num),
-                ratio(a.and_then(f), b.and_then(f)),
-                ratio(a.and_then(f), n.and_then(f)),
+                a.map_or("–".into(), tput),
+                b.map_or("–".into(), tput),
+                n.map_or("–".into(), tput),
+                ratio(figure(a), figure(b)),
+                ratio(figure(a), figure(n)),
             );
         }
         s.push('\n');
