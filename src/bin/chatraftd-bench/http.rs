@@ -191,7 +191,14 @@ impl Conn {
         )?;
         self.req.extend_from_slice(body);
         if self.stream.is_none() {
-            let s = tokio::net::TcpStream::connect(&self.addr).await?;
+            let s = tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::TcpStream::connect(&self.addr),
+            )
+            .await
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+            })??;
             s.set_nodelay(true)?;
             self.stream = Some(tokio::io::BufReader::with_capacity(16 * 1024, s));
         }
@@ -232,12 +239,25 @@ async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(
 ) -> std::io::Result<(u16, Vec<u8>, bool)> {
     use tokio::io::AsyncReadExt as _;
     let mut line = Vec::new();
-    next_line(r, &mut line).await?;
-    let status: u16 = line
-        .split(|&b| b == b' ')
-        .nth(1)
-        .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
-        .ok_or_else(|| bad(format!("status line {:?}", String::from_utf8_lossy(&line))))?;
+    // Interim answers (100 Continue, 103 Early Hints) come before the real one: skip them,
+    // or the real one would be taken for the next request's.
+    let status = loop {
+        next_line(r, &mut line).await?;
+        let status: u16 = line
+            .split(|&b| b == b' ')
+            .nth(1)
+            .and_then(|s| std::str::from_utf8(s).ok()?.parse().ok())
+            .ok_or_else(|| bad(format!("status line {:?}", String::from_utf8_lossy(&line))))?;
+        if !(100..200).contains(&status) || status == 101 {
+            break status;
+        }
+        loop {
+            next_line(r, &mut line).await?;
+            if line.is_empty() {
+                break;
+            }
+        }
+    };
     let (mut length, mut chunked, mut close) = (None, false, false);
     loop {
         next_line(r, &mut line).await?;
@@ -267,11 +287,18 @@ async fn read_response<R: tokio::io::AsyncBufRead + Unpin>(
             let n = usize::from_str_radix(hex, 16).map_err(|_| bad("chunk size"))?;
             let at = body.len();
             body.resize(at + n, 0);
-            r.read_exact(&mut body[at..]).await?;
-            next_line(r, &mut line).await?; // the CRLF after the chunk (or the trailer's end)
             if n == 0 {
+                // Trailer fields, if any, up to the empty line that ends the answer.
+                loop {
+                    next_line(r, &mut line).await?;
+                    if line.is_empty() {
+                        break;
+                    }
+                }
                 break;
             }
+            r.read_exact(&mut body[at..]).await?;
+            next_line(r, &mut line).await?; // the CRLF after the chunk
         }
     } else if let Some(n) = length {
         body.resize(n, 0);
@@ -310,6 +337,18 @@ mod tests {
                        3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n";
         let (status, body, close) = parse(chunked).await.unwrap();
         assert_eq!((status, body.as_slice(), close), (200, &b"abcde"[..], true));
+
+        let trailers = "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                        2\r\nab\r\n0\r\nx-sum: 1\r\n\r\nHTTP/1.1 ...";
+        let mut r = trailers.as_bytes();
+        let (status, body, _) = read_response(&mut r).await.unwrap();
+        assert_eq!((status, body.as_slice()), (200, &b"ab"[..]));
+        assert_eq!(r, b"HTTP/1.1 ...", "the trailer is read with its answer");
+
+        let interim =
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\nok";
+        let (status, body, _) = parse(interim).await.unwrap();
+        assert_eq!((status, body.as_slice()), (201, &b"ok"[..]));
 
         let to_eof = "HTTP/1.1 400 Bad Request\r\n\r\n{\"error\":1}";
         let (status, body, close) = parse(to_eof).await.unwrap();

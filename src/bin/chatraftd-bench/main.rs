@@ -284,8 +284,10 @@ async fn run(args: Args) -> ExitCode {
     let mut steps = Vec::new();
     if args.scenarios.contains(&Scenario::Writes) {
         for round in 1..=sizes.rounds {
-            for sys in &args.systems {
-                steps.push((*sys, &writes_only[..], round));
+            // Each round starts with the next system, so none always runs first or last.
+            let n = args.systems.len();
+            for i in 0..n {
+                steps.push((args.systems[(round - 1 + i) % n], &writes_only[..], round));
             }
         }
     }
@@ -433,7 +435,8 @@ async fn run_chatraftd(
                     v["round"] = json!(plan.round);
                     eprintln!("  chatraftd writes {mode} c={c}: {v}");
                     res.write_rounds.push(v);
-                    let check = cluster::verify(&cluster, &conv, &r.writers).await;
+                    let mut check = cluster::verify(&cluster, &conv, &r.writers).await;
+                    check["round"] = json!(plan.round);
                     if check["ok"] != true {
                         eprintln!("  LOST OR DUPLICATED MESSAGES: {check}");
                     }

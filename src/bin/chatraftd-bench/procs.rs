@@ -2,7 +2,7 @@
 //! processes that are killed when dropped (also on panic or Ctrl-C) and when the bench itself
 //! dies (`PR_SET_PDEATHSIG`), and CPU/memory readings from `/proc`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::fs::File;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -182,20 +182,38 @@ pub fn cpu_secs(pid: u32) -> f64 {
     ticks as f64 / TICKS_PER_SEC
 }
 
-/// Context switches (voluntary and not) of all of a process's live threads. A thread that
-/// ended meanwhile takes its count with it, so a difference of two readings is a lower bound.
-pub fn context_switches(pid: u32) -> u64 {
+/// Context switches (voluntary and not) of each live thread of a process, by thread id.
+pub fn context_switches(pid: u32) -> HashMap<u32, u64> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
+        return HashMap::new();
     };
     tasks
         .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .map(|status| {
-            status
+        .filter_map(|t| {
+            let tid = t.file_name().to_str()?.parse::<u32>().ok()?;
+            let status = std::fs::read_to_string(t.path().join("status")).ok()?;
+            let n = status
                 .lines()
                 .filter(|l| l.contains("ctxt_switches:"))
                 .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+            Some((tid, n))
+        })
+        .collect()
+}
+
+/// The context switches of `pids` between two readings of [`context_switches`] per process:
+/// each thread's own difference, a new thread's whole count. A thread that ended meanwhile
+/// (tokio's idle blocking threads do) is missing from the second reading and its switches
+/// in between are not counted, so this is a lower bound, but never one that counts a
+/// thread's earlier life against the window.
+pub fn switches_between(before: &[HashMap<u32, u64>], after: &[HashMap<u32, u64>]) -> u64 {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| {
+            a.iter()
+                .map(|(tid, n)| n.saturating_sub(b.get(tid).copied().unwrap_or(0)))
                 .sum::<u64>()
         })
         .sum()
@@ -229,5 +247,20 @@ pub fn raise_nofile() -> u64 {
             }
         }
         Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switches_count_each_thread_inside_the_window_only() {
+        let before = vec![HashMap::from([(1, 100), (2, 50), (3, 7)])];
+        // Thread 3 ended, thread 4 started.
+        let after = vec![HashMap::from([(1, 110), (2, 55), (4, 3)])];
+        assert_eq!(switches_between(&before, &after), 10 + 5 + 3);
+        let mine = context_switches(std::process::id());
+        assert!(!mine.is_empty(), "this process has threads");
     }
 }

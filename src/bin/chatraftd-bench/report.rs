@@ -183,9 +183,11 @@ fn writes_section(s: &mut String, res: &Results, dir: &Path) {
     if rounds > 1 {
         let _ = writeln!(
             s,
-            "The writes ran in {rounds} rounds, every system once in each, one after the other; \
-             every figure is the median over the rounds, and the throughput's range over the \
-             rounds follows it in brackets. `write_rounds` in `results.json` has each round.\n"
+            "The writes ran in {rounds} rounds, every system once in each, one after the other \
+             (each round starting with the next system); every figure is the median over the \
+             rounds, the throughput followed by its range over the rounds in brackets, except \
+             the errors, which are the rounds' sum. `write_rounds` in `results.json` has each \
+             round.\n"
         );
     }
     // A throughput with its range over the rounds, when there were several.
@@ -300,7 +302,7 @@ fn verify_section(s: &mut String, res: &Results) {
          `GET /api/v1/messages` (linearizable): every acknowledged message must be there exactly \
          once, in the same order on every node.\n"
     );
-    let _ = writeln!(s, "| conversation | acknowledged | unknown outcome | stored per node | same order | ok |\n|---|---:|---:|---|---|---|");
+    let _ = writeln!(s, "| conversation | round | acknowledged | unknown outcome | stored per node | same order | ok |\n|---|---:|---:|---:|---|---|---|");
     for v in &res.verify {
         let stored: Vec<String> = v["nodes"]
             .as_array()
@@ -308,8 +310,9 @@ fn verify_section(s: &mut String, res: &Results) {
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} |",
             v["conv_id"].as_str().unwrap_or(""),
+            v["round"],
             v["acked"],
             v["unknown_outcome"],
             stored.join(" / "),
