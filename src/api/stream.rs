@@ -133,7 +133,8 @@ struct EventStream {
     conv_id: String,
     /// The seq of the next event to send.
     next_seq: u64,
-    /// A store read in flight, with the window version it was started at.
+    /// A store read in flight, with the window version it was started at (for a read that
+    /// follows a full page, the version its first read was started at).
     read: Option<(JoinHandle<Result<EventPage, StoreError>>, u64)>,
     /// The window version at which a store read last found nothing new.
     read_empty_at: Option<u64>,
@@ -207,6 +208,19 @@ impl Stream for EventStream {
                     continue;
                 }
                 this.next_seq = page.next_seq;
+                if page.count >= PAGE_EVENTS || page.bytes.len() >= CHUNK_BYTES {
+                    // A full page: more is stored after it. Read the next page while this one
+                    // is written to the client, so a catch-up reads and sends at once. The
+                    // read starts from the exact next seq, so it cannot skip or repeat an
+                    // event whatever the live window holds by the time it is polled.
+                    let handle = this.reader.spawn_event_page(
+                        &this.conv_id,
+                        this.next_seq,
+                        PAGE_EVENTS,
+                        CHUNK_BYTES,
+                    );
+                    this.read = Some((handle, version));
+                }
                 return this.sent(page.bytes);
             }
             match this
