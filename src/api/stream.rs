@@ -172,6 +172,14 @@ impl EventStream {
         Poll::Ready(Some(Ok(bytes)))
     }
 
+    /// Starts reading the page of stored events from `next_seq` on.
+    fn start_read(&mut self, version: u64) {
+        let handle =
+            self.reader
+                .spawn_event_page(&self.conv_id, self.next_seq, PAGE_EVENTS, CHUNK_BYTES);
+        self.read = Some((handle, version));
+    }
+
     fn end(&mut self) -> Poll<Option<Result<Bytes, Infallible>>> {
         self.done = true;
         self.read = None;
@@ -213,13 +221,7 @@ impl Stream for EventStream {
                     // is written to the client, so a catch-up reads and sends at once. The
                     // read starts from the exact next seq, so it cannot skip or repeat an
                     // event whatever the live window holds by the time it is polled.
-                    let handle = this.reader.spawn_event_page(
-                        &this.conv_id,
-                        this.next_seq,
-                        PAGE_EVENTS,
-                        CHUNK_BYTES,
-                    );
-                    this.read = Some((handle, version));
+                    this.start_read(version);
                 }
                 return this.sent(page.bytes);
             }
@@ -231,15 +233,7 @@ impl Stream for EventStream {
                     this.next_seq = next_seq;
                     return this.sent(bytes);
                 }
-                Next::Behind(version) => {
-                    let handle = this.reader.spawn_event_page(
-                        &this.conv_id,
-                        this.next_seq,
-                        PAGE_EVENTS,
-                        CHUNK_BYTES,
-                    );
-                    this.read = Some((handle, version));
-                }
+                Next::Behind(version) => this.start_read(version),
                 Next::Wait => break,
                 Next::Closed => return this.end(),
             }

@@ -70,20 +70,25 @@ pub fn write_row(out: &mut Vec<u8>, row: &RowFields<'_>) {
         .vector_clock
         .and_then(|s| serde_json::from_str::<&RawValue>(s).ok());
     out.extend_from_slice(EVENT_HEAD);
-    out.extend_from_slice(b"{\"index\":");
-    write_u64(out, row.index);
-    out.extend_from_slice(b",\"seq\":");
-    write_u64(out, row.seq);
-    out.extend_from_slice(b",\"term\":");
-    write_u64(out, row.term);
-    out.extend_from_slice(b",\"conv_id\":");
-    write_str(out, row.conv_id);
-    out.extend_from_slice(b",\"msg_id\":");
-    write_str(out, row.msg_id);
-    out.extend_from_slice(b",\"sender\":");
-    write_str(out, row.sender);
-    out.extend_from_slice(b",\"payload\":");
-    write_str(out, row.payload);
+    let numbers: [(&[u8], u64); 3] = [
+        (b"{\"index\":", row.index),
+        (b",\"seq\":", row.seq),
+        (b",\"term\":", row.term),
+    ];
+    for (key, n) in numbers {
+        out.extend_from_slice(key);
+        write_u64(out, n);
+    }
+    let texts: [(&[u8], &str); 4] = [
+        (b",\"conv_id\":", row.conv_id),
+        (b",\"msg_id\":", row.msg_id),
+        (b",\"sender\":", row.sender),
+        (b",\"payload\":", row.payload),
+    ];
+    for (key, text) in texts {
+        out.extend_from_slice(key);
+        write_str(out, text);
+    }
     if let Some(clock) = vector_clock {
         out.extend_from_slice(b",\"vector_clock\":");
         out.extend_from_slice(clock.get().as_bytes());
