@@ -698,7 +698,15 @@ async fn linearizable_barrier(state: &AppState) -> Result<(), ApiError> {
 
 pub(crate) async fn leader_read_index(state: &AppState) -> Result<u64, ApiError> {
     match tokio::time::timeout(state.write_timeout, state.raft.ensure_linearizable()).await {
-        Ok(Ok(log_id)) => Ok(log_id.map_or(0, |l| l.index)),
+        Ok(Ok(log_id)) => {
+            // A leader restarted in its own term knows only the commit index it had saved:
+            // openraft reads from the first entry of its term or that index, whichever is
+            // later, and an entry the cluster committed (and acknowledged) just before the
+            // restart may lie above both. Everything committed is in a confirmed leader's log,
+            // so reading from its last entry is never too early.
+            let last = state.raft.metrics().borrow().last_log_index.unwrap_or(0);
+            Ok(log_id.map_or(0, |l| l.index).max(last))
+        }
         Ok(Err(e)) => Err(ApiError {
             code: "not_leader",
             ..ApiError::unavailable(format!("cannot confirm leadership: {e}"))
