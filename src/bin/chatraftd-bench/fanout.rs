@@ -12,7 +12,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::load::{now_micros, Writer};
-use crate::procs::{cpu_secs, rss_kib};
+use crate::procs::{rss_kib, Meter};
 use crate::stats::Histogram;
 
 /// Subscribers opening their connection at the same time.
@@ -125,8 +125,7 @@ pub async fn run<W: Writer>(
     let setup_secs = setup_start.elapsed().as_secs_f64();
     let connected = shared.ready.load(Ordering::Relaxed);
     let rss_after: u64 = pids.iter().map(|&p| rss_kib(p)).sum();
-    let cpu_before: f64 = pids.iter().map(|&p| cpu_secs(p)).sum();
-    let bench_cpu_before = cpu_secs(std::process::id());
+    let meter = Meter::start(pids);
     let total = (plan.rate as f64 * plan.secs).round() as u64;
     let next = Arc::new(AtomicU64::new(0));
     let acked = Arc::new(AtomicU64::new(0));
@@ -161,8 +160,7 @@ pub async fn run<W: Writer>(
         let _ = p.await;
     }
     let send_secs = start.elapsed().as_secs_f64();
-    let cpu_after: f64 = pids.iter().map(|&p| cpu_secs(p)).sum();
-    let bench_cpu = cpu_secs(std::process::id()) - bench_cpu_before;
+    let usage = meter.read();
     let sent = acked.load(Ordering::Relaxed);
     let expected = sent * connected as u64;
     let drain_start = Instant::now();
@@ -208,8 +206,8 @@ pub async fn run<W: Writer>(
         "expected": expected,
         "deliveries": deliveries,
         "deliveries_per_s": (deliveries as f64 / delivery_secs.max(1e-3)).round(),
-        "server_cpu_pct": ((cpu_after - cpu_before) / send_secs * 100.0).round(),
-        "bench_cpu_pct": (bench_cpu / send_secs * 100.0).round(),
+        "server_cpu_pct": (usage.server_cpu / send_secs * 100.0).round(),
+        "bench_cpu_pct": (usage.bench_cpu / send_secs * 100.0).round(),
         "server_rss_kib_idle_subscribers": rss_after,
         "rss_kib_per_subscriber": if connected > 0 {
             round3(rss_after.saturating_sub(rss_before) as f64 / connected as f64)

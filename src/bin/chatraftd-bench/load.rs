@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
-use crate::procs::{context_switches, cpu_secs, switches_between};
+use crate::procs::Meter;
 use crate::stats::Histogram;
 
 /// The bytes of every payload, about the size of a chat message.
@@ -114,14 +114,7 @@ pub async fn closed_loop<W: Writer>(
     max_total: u64,
     pids: &[u32],
 ) -> LoadResult<W> {
-    let server_cpu = || pids.iter().map(|&p| cpu_secs(p)).sum::<f64>();
-    let switches = || {
-        pids.iter()
-            .map(|&p| context_switches(p))
-            .collect::<Vec<_>>()
-    };
-    let (server_before, bench_before) = (server_cpu(), cpu_secs(std::process::id()));
-    let switches_before = switches();
+    let meter = Meter::start(pids);
     let started = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + duration;
@@ -173,9 +166,10 @@ pub async fn closed_loop<W: Writer>(
         }
     }
     result.elapsed = start.elapsed();
-    result.server_cpu = server_cpu() - server_before;
-    result.bench_cpu = cpu_secs(std::process::id()) - bench_before;
-    result.server_switches = switches_between(&switches_before, &switches());
+    let usage = meter.read();
+    result.server_cpu = usage.server_cpu;
+    result.bench_cpu = usage.bench_cpu;
+    result.server_switches = usage.server_switches;
     result
 }
 

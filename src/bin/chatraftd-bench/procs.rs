@@ -219,6 +219,42 @@ pub fn switches_between(before: &[HashMap<u32, u64>], after: &[HashMap<u32, u64>
         .sum()
 }
 
+/// CPU and context switches of the servers and of the bench itself over a stretch of a run.
+pub struct Meter {
+    pids: Vec<u32>,
+    server_cpu: f64,
+    bench_cpu: f64,
+    switches: Vec<HashMap<u32, u64>>,
+}
+
+/// What a [`Meter`] measured: CPU seconds (user plus system) and the servers' switches.
+pub struct Usage {
+    pub server_cpu: f64,
+    pub bench_cpu: f64,
+    pub server_switches: u64,
+}
+
+impl Meter {
+    pub fn start(pids: &[u32]) -> Meter {
+        Meter {
+            pids: pids.to_vec(),
+            server_cpu: pids.iter().map(|&p| cpu_secs(p)).sum(),
+            bench_cpu: cpu_secs(std::process::id()),
+            switches: pids.iter().map(|&p| context_switches(p)).collect(),
+        }
+    }
+
+    /// What was used since [`Meter::start`].
+    pub fn read(&self) -> Usage {
+        let now = Meter::start(&self.pids);
+        Usage {
+            server_cpu: now.server_cpu - self.server_cpu,
+            bench_cpu: now.bench_cpu - self.bench_cpu,
+            server_switches: switches_between(&self.switches, &now.switches),
+        }
+    }
+}
+
 /// Resident memory of a process in KiB.
 pub fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
