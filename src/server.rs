@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::fcntl::{Flock, FlockArg};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
 use crate::api::{self, AppState};
@@ -107,14 +107,29 @@ fn raft_config(config: &Config) -> Result<Arc<openraft::Config>, ServerError> {
         .map_err(|e| ServerError::Raft(format!("invalid Raft settings: {e}")))
 }
 
-async fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| ServerError::Bind {
-            key,
-            addr: addr.to_string(),
-            reason: e.to_string(),
-        })
+/// The queue of connections the kernel completes before the node accepts them. tokio's own
+/// `bind` asks for 128: a burst of more clients at once (a restart of the clients, or a leader
+/// change that moves them all) overflows it, and every connection dropped there waits a
+/// second for its SYN to be sent again. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn bind(key: &'static str, addr: std::net::SocketAddr) -> Result<TcpListener, ServerError> {
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => TcpSocket::new_v6()?,
+        };
+        // As `TcpListener::bind` does: a restarted node binds again at once, whatever
+        // connections of its last run are still in TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|e| ServerError::Bind {
+        key,
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Runs the node until `stop` resolves (a signal) or Raft fails. Returns Ok on a clean stop.
@@ -159,8 +174,8 @@ pub async fn run(
     .await
     .map_err(|e| ServerError::Raft(e.to_string()))?;
 
-    let raft_listener = bind("raft.listen", config.raft_listen_addr()).await?;
-    let api_listener = bind("api.listen", config.api_listen_addr()).await?;
+    let raft_listener = bind("raft.listen", config.raft_listen_addr())?;
+    let api_listener = bind("api.listen", config.api_listen_addr())?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let state = Arc::new(AppState::new(
@@ -458,5 +473,35 @@ async fn report_status(
         if metrics.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A burst of clients larger than tokio's default backlog of 128 all get their
+    /// connections completed by the kernel before the node has accepted a single one.
+    #[tokio::test]
+    async fn a_burst_of_connections_fits_the_listen_queue() {
+        let listener = bind("api.listen", "127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connects: Vec<_> = (0..300)
+            .map(|_| tokio::spawn(tokio::net::TcpStream::connect(addr)))
+            .collect();
+        // A connection the queue had no room for has its SYN dropped and would still be
+        // waiting here (its retries come after 1 s, 3 s, ...), as nothing is accepted.
+        let all = async {
+            let mut open = Vec::new();
+            for c in connects {
+                open.push(c.await.unwrap().unwrap());
+            }
+            open
+        };
+        let open = tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .expect("every connection completes without being accepted");
+        assert_eq!(open.len(), 300);
+        drop(listener);
     }
 }
