@@ -36,7 +36,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::cluster::{Cluster, CrWriter};
-use crate::load::closed_loop;
+use crate::load::{closed_loop, LoadResult, Writer};
 use crate::procs::WorkDir;
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
@@ -376,6 +376,69 @@ impl Plan<'_> {
     }
 }
 
+/// One measurement of the write scenario, for any system.
+struct WritePoint<'a> {
+    system: &'static str,
+    /// "spread" (writer `i` to node `i % n`) or "leader" (all to the leader).
+    mode: &'a str,
+    concurrency: usize,
+    sizes: &'a Sizes,
+    round: usize,
+}
+
+impl<'a> WritePoint<'a> {
+    fn new(
+        system: &'static str,
+        mode: &'a str,
+        concurrency: usize,
+        sizes: &'a Sizes,
+        plan: &Plan<'_>,
+    ) -> WritePoint<'a> {
+        WritePoint {
+            system,
+            mode,
+            concurrency,
+            sizes,
+            round: plan.round,
+        }
+    }
+
+    /// Runs the point's writers, made by `writer(i, addr)` for the node each is sent to, in a
+    /// closed loop; gives back the outcome and its figures labelled with system, mode,
+    /// concurrency and round.
+    async fn run<W: Writer>(
+        &self,
+        nodes: &[String],
+        leader: &str,
+        pids: &[u32],
+        writer: impl Fn(usize, &str) -> W,
+    ) -> (LoadResult<W>, Value) {
+        let writers = (0..self.concurrency)
+            .map(|i| {
+                let addr = if self.mode == "spread" {
+                    &nodes[i % nodes.len()]
+                } else {
+                    leader
+                };
+                writer(i, addr)
+            })
+            .collect();
+        let r = closed_loop(
+            writers,
+            secs(self.sizes.write_secs),
+            MAX_WRITES_PER_POINT,
+            pids,
+        )
+        .await;
+        let mut v = r.to_json();
+        v["system"] = json!(self.system);
+        v["mode"] = json!(self.mode);
+        v["concurrency"] = json!(self.concurrency);
+        v["round"] = json!(self.round);
+        (r, v)
+    }
+}
+
 fn secs(s: f64) -> Duration {
     Duration::from_secs_f64(s)
 }
@@ -400,25 +463,13 @@ async fn run_chatraftd(
                     let (_, leader) = cluster.leader().await?;
                     let apis = cluster.apis();
                     let conv = format!("w-{mode}-{c}");
-                    let writers: Vec<CrWriter> = (0..c)
-                        .map(|i| {
-                            let addr = if mode == "spread" {
-                                &apis[i % apis.len()]
-                            } else {
-                                &leader
-                            };
+                    let point = WritePoint::new("chatraftd", mode, c, sizes, plan);
+                    let commit_before = cluster.status(&leader).await?.commit_index;
+                    let (r, mut v) = point
+                        .run(&apis, &leader, &cluster.pids(), |i, addr| {
                             CrWriter::new(&cluster.http, addr, &conv, i)
                         })
-                        .collect();
-                    let commit_before = cluster.status(&leader).await?.commit_index;
-                    let r = closed_loop(
-                        writers,
-                        secs(sizes.write_secs),
-                        MAX_WRITES_PER_POINT,
-                        &cluster.pids(),
-                    )
-                    .await;
-                    let mut v = r.to_json();
+                        .await;
                     // Group commit at work: how many messages each Raft entry carried.
                     let entries = cluster
                         .status(&leader)
@@ -429,10 +480,6 @@ async fn run_chatraftd(
                     v["msgs_per_entry"] = json!(
                         (r.hist.count() as f64 / entries.max(1) as f64 * 10.0).round() / 10.0
                     );
-                    v["system"] = json!("chatraftd");
-                    v["mode"] = json!(mode);
-                    v["concurrency"] = json!(c);
-                    v["round"] = json!(plan.round);
                     eprintln!("  chatraftd writes {mode} c={c}: {v}");
                     res.write_rounds.push(v);
                     let mut check = cluster::verify(&cluster, &conv, &r.writers).await;
@@ -618,28 +665,11 @@ async fn run_etcd(
                 for &c in &sizes.concurrency {
                     let leader = etcd.leader().await?;
                     let prefix = format!("w-{mode}-{c}");
-                    let writers: Vec<etcd::EtcdWriter> = (0..c)
-                        .map(|i| {
-                            let addr = if mode == "spread" {
-                                &etcd.clients[i % 3]
-                            } else {
-                                &leader
-                            };
+                    let (_, v) = WritePoint::new("etcd", mode, c, sizes, plan)
+                        .run(&etcd.clients, &leader, &etcd.pids(), |i, addr| {
                             etcd::EtcdWriter::new(&etcd.http, addr, &prefix, i)
                         })
-                        .collect();
-                    let r = closed_loop(
-                        writers,
-                        secs(sizes.write_secs),
-                        MAX_WRITES_PER_POINT,
-                        &etcd.pids(),
-                    )
-                    .await;
-                    let mut v = r.to_json();
-                    v["system"] = json!("etcd");
-                    v["mode"] = json!(mode);
-                    v["concurrency"] = json!(c);
-                    v["round"] = json!(plan.round);
+                        .await;
                     eprintln!("  etcd writes {mode} c={c}: {v}");
                     res.write_rounds.push(v);
                 }
@@ -690,28 +720,11 @@ async fn run_nats(
                 for &c in &sizes.concurrency {
                     let leader = nats.stream_leader().await?;
                     let subject = format!("bench.w.{mode}.{c}");
-                    let writers: Vec<nats::NatsWriter> = (0..c)
-                        .map(|i| {
-                            let addr = if mode == "spread" {
-                                &nats.clients[i % 3]
-                            } else {
-                                &leader
-                            };
+                    let (_, v) = WritePoint::new("nats", mode, c, sizes, plan)
+                        .run(&nats.clients, &leader, &nats.pids(), |i, addr| {
                             nats::NatsWriter::new(addr, &subject, i)
                         })
-                        .collect();
-                    let r = closed_loop(
-                        writers,
-                        secs(sizes.write_secs),
-                        MAX_WRITES_PER_POINT,
-                        &nats.pids(),
-                    )
-                    .await;
-                    let mut v = r.to_json();
-                    v["system"] = json!("nats");
-                    v["mode"] = json!(mode);
-                    v["concurrency"] = json!(c);
-                    v["round"] = json!(plan.round);
+                        .await;
                     eprintln!("  nats writes {mode} c={c}: {v}");
                     res.write_rounds.push(v);
                 }
