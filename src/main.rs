@@ -10,6 +10,10 @@ use chatraftd::config::{self, Config};
 use chatraftd::security::Security;
 use chatraftd::{cli, local_cluster, server, sys};
 
+/// mimalloc instead of glibc's malloc: see Cargo.toml for what it buys.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "chatraftd",
