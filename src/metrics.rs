@@ -95,6 +95,9 @@ static REJECTED: Mutex<BTreeMap<&'static str, u64>> = Mutex::new(BTreeMap::new()
 /// increased by each applied message after its COMMIT.
 static CONV_BYTES: Mutex<BTreeMap<String, u64>> = Mutex::new(BTreeMap::new());
 
+/// Background WAL checkpoints by database file name: (all, those that copied every page).
+static WAL_CHECKPOINTS: Mutex<BTreeMap<String, (u64, u64)>> = Mutex::new(BTreeMap::new());
+
 /// Client API connections open now (the listener's places under `api.max_connections`).
 pub static API_CONNECTIONS: AtomicU64 = AtomicU64::new(0);
 
@@ -118,6 +121,21 @@ pub fn add_conv_bytes(added: impl IntoIterator<Item = (String, u64)>) {
     for (conv, bytes) in added {
         *map.entry(conv).or_insert(0) += bytes;
     }
+}
+
+/// Counts one background checkpoint of the database file `db`.
+pub fn count_wal_checkpoint(db: &str, complete: bool) {
+    let mut map = WAL_CHECKPOINTS.lock().unwrap_or_else(|p| p.into_inner());
+    let counts = map.entry(db.to_string()).or_insert((0, 0));
+    counts.0 += 1;
+    counts.1 += u64::from(complete);
+}
+
+pub fn wal_checkpoints() -> BTreeMap<String, (u64, u64)> {
+    WAL_CHECKPOINTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
 }
 
 pub fn conv_bytes() -> BTreeMap<String, u64> {

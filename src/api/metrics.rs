@@ -188,6 +188,20 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
     for (file, bytes) in &sizes {
         out.sample("chatraftd_storage_bytes", &[("file", file)], *bytes as f64);
     }
+    out.header(
+        "chatraftd_wal_checkpoints_total",
+        "Background checkpoints of each database's WAL; outcome=complete when one copied every page, so the WAL starts afresh.",
+        "counter",
+    );
+    for (db, (all, complete)) in metrics::wal_checkpoints() {
+        for (outcome, n) in [("complete", complete), ("partial", all - complete)] {
+            out.sample(
+                "chatraftd_wal_checkpoints_total",
+                &[("db", &db), ("outcome", outcome)],
+                n as f64,
+            );
+        }
+    }
     metrics::SNAPSHOT_BUILD.render(
         &mut out,
         "chatraftd_snapshot_build_duration_seconds",

@@ -38,6 +38,7 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::checkpoint::Checkpointer;
 use super::{
     blocking, ensure_schema, get_json, lock, open_live, put_json, to_sql, Access, KvTable,
     SqlContext, StoreError,
@@ -98,6 +99,7 @@ impl LogStore {
     pub(crate) fn open(path: &Path) -> Result<LogStore, StoreError> {
         let mut writer = open_live(path, Access::ReadWrite)?;
         ensure_schema(&mut writer, path, SCHEMA)?;
+        let checkpointer = Checkpointer::attach(&writer, path)?;
         let reader = open_live(path, Access::ReadOnly)?;
         let committed: Option<LogId> = get_meta(&reader, path, KEY_COMMITTED)?;
         let committed = Arc::new(AtomicU64::new(committed.map_or(0, |c| c.index)));
@@ -106,6 +108,7 @@ impl LogStore {
         let (tx, rx) = mpsc::channel();
         let thread = Writer {
             conn: writer,
+            checkpointer,
             path: path.to_path_buf(),
             rx,
             recent: recent.clone(),
@@ -679,6 +682,8 @@ const MAX_GROUP: usize = 1024;
 /// The writer thread: one transaction and one fsync per batch of queued commands.
 struct Writer {
     conn: Connection,
+    /// Copies the WAL back into `raft-log.db` off this thread.
+    checkpointer: Checkpointer,
     path: PathBuf,
     rx: mpsc::Receiver<Command>,
     recent: Arc<SharedRecent>,
@@ -759,7 +764,9 @@ impl Writer {
         }
         write_committed(&self.committed_latest, &path, &tx)?;
         // Durability: with synchronous=FULL this COMMIT fsyncs the WAL before returning.
-        tx.commit().at(&path)
+        tx.commit().at(&path)?;
+        self.checkpointer.committed();
+        Ok(())
     }
 
     /// Reports the group's outcome: flush callbacks, waiting writers, and the recent entries.

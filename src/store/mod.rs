@@ -34,9 +34,13 @@
 //! - A snapshot's files are fsynced, renamed into place and the directory fsynced before older
 //!   snapshots are deleted ([`snapshot`]).
 //!
+//! Both live databases copy their WAL back into the database file on a thread of their own
+//! ([`checkpoint`]), not on the commit that crosses SQLite's 1,000-page mark.
+//!
 //! All SQLite and file work runs on tokio's blocking pool ([`blocking`]); connections live
 //! behind `std::sync::Mutex` so that the blocking closures can own an `Arc` of them.
 
+mod checkpoint;
 mod growth;
 mod log;
 mod reader;

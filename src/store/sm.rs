@@ -12,6 +12,7 @@ use tokio::fs::File;
 use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::watch;
 
+use super::checkpoint::Checkpointer;
 use super::growth::MessageGrowth;
 use super::log::LogDurability;
 use super::reader::record_by_msg_id;
@@ -64,6 +65,8 @@ struct SmShared {
     /// The only connection that writes `messages.db`. Openraft calls the state machine from one
     /// task at a time; the mutex makes the connection shareable with blocking tasks.
     conn: Mutex<Connection>,
+    /// Copies the WAL back into `messages.db` off the apply path.
+    checkpointer: Checkpointer,
     /// The `snapshots/` directory, shared with snapshot builders.
     snapshots: Arc<SnapshotDir>,
     /// Last applied log index, published after each COMMIT for [`super::MessageReader`].
@@ -94,6 +97,7 @@ impl StateMachineStore {
         // disk; this file is synced before a snapshot lets the log behind it go.
         conn.pragma_update(None, "synchronous", "NORMAL").at(path)?;
         ensure_schema(&mut conn, path, SCHEMA)?;
+        let checkpointer = Checkpointer::attach(&conn, path)?;
         let (last_applied, _) = read_applied_state(&conn, path)?;
         crate::metrics::set_conv_bytes(conv_payload_bytes(&conn, path)?);
         // An unreadable snapshot is the sender's problem when it is sent; here it only means
@@ -111,6 +115,7 @@ impl StateMachineStore {
             inner: Arc::new(SmShared {
                 path: path.to_path_buf(),
                 conn: Mutex::new(conn),
+                checkpointer,
                 snapshots,
                 applied: tx,
                 tail,
@@ -424,6 +429,7 @@ impl SmShared {
             put_sm_meta(&tx, path, KEY_LAST_APPLIED, &last)?;
         }
         tx.commit().at(path)?;
+        self.checkpointer.committed();
         // Only after COMMIT: subscribers may send these records on at once, and readers that
         // wake on the applied index see the rows. Still under the connection's lock, so the
         // tails get the records in apply order and never after a later snapshot install.
