@@ -107,7 +107,6 @@ impl Checkpointer {
         }
         pages
     }
-
 }
 
 impl Drop for Checkpointer {
