@@ -190,7 +190,7 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
     }
     out.header(
         "chatraftd_wal_checkpoints_total",
-        "Background checkpoints of each database's WAL; outcome=complete when one copied every page, so the WAL starts afresh.",
+        "Background checkpoints of each database's WAL; outcome=complete when one copied every page, so the WAL can start afresh.",
         "counter",
     );
     for (db, (all, complete)) in metrics::wal_checkpoints() {

@@ -7,7 +7,8 @@
 //! notes the WAL's size after each commit (SQLite's WAL hook) and wakes a checkpointer
 //! thread, with a connection of its own, once the WAL holds [`BACKGROUND_PAGES`]. Its
 //! checkpoints are `PASSIVE`: they never hold up the writer. When one copies every page with
-//! no commit in between, the writer's next transaction starts the WAL afresh.
+//! no commit in between, the writer's next transaction starts the WAL afresh (unless a reader
+//! still holds an older view, a snapshot copy say).
 //!
 //! Under a steady load a commit nearly always lands during the background checkpoint, so
 //! the WAL does not start afresh by itself; the writer then checkpoints at
@@ -142,9 +143,9 @@ impl Worker {
             }
             last = Some(Instant::now());
             match self.checkpoint() {
-                Ok(complete) => {
-                    crate::metrics::count_wal_checkpoint(&self.db, complete);
-                }
+                Ok(Some(complete)) => crate::metrics::count_wal_checkpoint(&self.db, complete),
+                // The writer's own checkpoint was running: it does the same work.
+                Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, path = %self.path.display(), "a background WAL checkpoint failed; the writer checkpoints alone until the next");
                 }
@@ -152,15 +153,16 @@ impl Worker {
         }
     }
 
-    /// One `PASSIVE` checkpoint: whether it copied every page of the WAL.
-    fn checkpoint(&self) -> Result<bool, StoreError> {
+    /// One `PASSIVE` checkpoint: whether it copied every page of the WAL, or `None` when
+    /// another checkpoint held the lock and it did nothing.
+    fn checkpoint(&self) -> Result<Option<bool>, StoreError> {
         let (busy, log, copied): (i64, i64, i64) = self
             .conn
             .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
             .at(&self.path)?;
-        Ok(busy == 0 && log == copied)
+        Ok((busy == 0).then_some(log == copied))
     }
 }
 

@@ -453,6 +453,8 @@ impl SmShared {
         {
             let mut conn = lock(&self.conn, &self.path)?;
             replace_state(&mut conn, &self.path, file.path(), meta)?;
+            // A whole state in one commit: the WAL is long.
+            self.checkpointer.committed();
             // The windows describe the replaced state: subscribers re-read from the new one.
             self.tail.reset();
             crate::metrics::set_conv_bytes(conv_payload_bytes(&conn, &self.path)?);

@@ -346,8 +346,19 @@ pub(crate) fn copy_state(source: &Path, dst: &Path) -> Result<(), StoreError> {
     }
     let file = fs::File::open(dst).map_err(StoreError::io("open", dst))?;
     if let Err(e) = write_out_in_steps(&file) {
-        // Only the pacing is lost: the fsync below writes whatever is left, and reports a
-        // failing disk.
+        // A write error must fail the copy here: the kernel reports it to this descriptor
+        // once, and the fsync below would then succeed. A file system or a syscall filter
+        // that does not have the call only loses the pacing: the fsync writes everything.
+        let unsupported = [
+            nix::libc::EINVAL,
+            nix::libc::ENOSYS,
+            nix::libc::ESPIPE,
+            nix::libc::EPERM,
+            nix::libc::EOPNOTSUPP,
+        ];
+        if !e.raw_os_error().is_some_and(|c| unsupported.contains(&c)) {
+            return Err(StoreError::io("write out", dst)(e));
+        }
         tracing::debug!(error = %e, path = %dst.display(), "cannot write the copy out in steps");
     }
     // Durability: the snapshot is published only after this.
