@@ -473,8 +473,9 @@ mod tests {
 
     #[test]
     fn a_copy_is_written_out_in_steps_without_an_error() {
-        // An error here would go unnoticed in use (the fsync after it writes the copy anyway),
-        // so the syscall's arguments are checked here, over several steps and a partial one.
+        // Wrong arguments (EINVAL) would go unnoticed in use: `copy_state` takes them for a
+        // file system without the call and lets the fsync write the copy in one go. So the
+        // syscall's arguments are checked here, over several steps and a partial one.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("copy");
         let len = 2 * WRITE_OUT_STEP as usize + 12_345;
