@@ -193,7 +193,7 @@ pub async fn restore(config: &Config, backup_file: &Path) -> Result<BackupInfo, 
         .await
         .map_err(StoreError::io("open", seed.path()))?;
     let raft_err = |e: crate::types::StorageError| BackupError::Raft(e.to_string());
-    sm.install_snapshot(&meta, Box::new(file))
+    sm.install_snapshot(&meta, Box::new(store::SnapshotData::from(file)))
         .await
         .map_err(raft_err)?;
     // The log: nothing kept, everything up to L purged and committed, and a vote in L's term,

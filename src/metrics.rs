@@ -77,13 +77,17 @@ const WRITE_BOUNDS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 /// Snapshot buckets: a `VACUUM INTO` of a large store can take minutes.
-const SNAPSHOT_BOUNDS: &[f64] = &[0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0];
+const SNAPSHOT_BOUNDS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0,
+];
 
 /// Time of `POST /api/v1/message` from a valid request to the answer (committed and applied
 /// on the answering node), successes and failures alike.
 pub static WRITE_LATENCY: Histogram = Histogram::new(WRITE_BOUNDS);
-/// Time to build a snapshot (`VACUUM INTO` and publish).
+/// Time to record a snapshot (put `messages.db` on disk, write the meta file).
 pub static SNAPSHOT_BUILD: Histogram = Histogram::new(SNAPSHOT_BOUNDS);
+/// Time to write a recorded snapshot out as a file, the first time a node has to be sent it.
+pub static SNAPSHOT_WRITE: Histogram = Histogram::new(SNAPSHOT_BOUNDS);
 /// Time to install a snapshot received from the leader (validate, swap the state, publish).
 pub static SNAPSHOT_INSTALL: Histogram = Histogram::new(SNAPSHOT_BOUNDS);
 

@@ -18,21 +18,27 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use std::future::Future;
+
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
+    StreamingError, Unreachable,
 };
+use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use warp::Filter;
 
 use crate::security::{self, Security, SECRET_HEADER};
+use crate::store::SnapshotData;
 use crate::tls::Connector;
 use crate::types::{Node, NodeId, Raft, TypeConfig};
+use openraft::{ErrorSubject, ErrorVerb, OptionalSend, Snapshot, Vote};
 
 /// The one HTTP client of a node: keep-alive connections to peers are pooled and reused by
 /// Raft RPC and by forwarded client requests alike.
@@ -324,6 +330,31 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let body =
             encode_snapshot_chunk(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         self.call("/raft/snapshot", body, &option).await
+    }
+
+    /// Sends a snapshot in chunks, as openraft's default does, after writing a recorded
+    /// snapshot out as a file (see [`crate::store::SnapshotData`]). The leader's replication to
+    /// this peer waits meanwhile; the state machine goes on applying.
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<NodeId>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let Snapshot { meta, snapshot } = snapshot;
+        let mut cancel = Box::pin(cancel);
+        let file = tokio::select! {
+            file = snapshot.into_file() => file.map_err(|e| {
+                e.into_storage(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read)
+            })?,
+            closed = cancel.as_mut() => return Err(closed.into()),
+        };
+        let snapshot = Snapshot {
+            meta,
+            snapshot: Box::new(SnapshotData::from(file)),
+        };
+        Chunked::send_snapshot(self, vote, snapshot, cancel, option).await
     }
 
     async fn vote(

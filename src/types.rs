@@ -37,7 +37,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = Node,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = tokio::fs::File,
+        SnapshotData = crate::store::SnapshotData,
 );
 
 pub type Raft = openraft::Raft<TypeConfig>;

@@ -205,7 +205,12 @@ async fn render(state: &AppState) -> Result<String, ApiError> {
     metrics::SNAPSHOT_BUILD.render(
         &mut out,
         "chatraftd_snapshot_build_duration_seconds",
-        "Time to build a snapshot of the message store.",
+        "Time to record a snapshot of the message store (its file is written out later, when a node needs it).",
+    );
+    metrics::SNAPSHOT_WRITE.render(
+        &mut out,
+        "chatraftd_snapshot_write_duration_seconds",
+        "Time to write a recorded snapshot out as a file, the first time a node has to be sent it.",
     );
     metrics::SNAPSHOT_INSTALL.render(
         &mut out,

@@ -63,8 +63,8 @@ pub use self::log::LogStore;
 pub use self::reader::{ConversationInfo, EventPage, MessageReader};
 pub(crate) use self::sm::set_state_membership;
 pub use self::sm::StateMachineStore;
-pub use self::snapshot::SnapshotBuilder;
 pub(crate) use self::snapshot::{check_state_file, copy_state, TempFile as TempPath};
+pub use self::snapshot::{SnapshotBuilder, SnapshotData};
 use crate::types::{NodeId, StorageError};
 
 /// File name of the Raft log database inside `data_dir`.

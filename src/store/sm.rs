@@ -16,7 +16,7 @@ use super::checkpoint::Checkpointer;
 use super::growth::MessageGrowth;
 use super::log::LogDurability;
 use super::reader::record_by_msg_id;
-use super::snapshot::{self, SnapshotBuilder, SnapshotDir, TempFile};
+use super::snapshot::{self, SnapshotBuilder, SnapshotData, SnapshotDir, TempFile};
 use super::{
     blocking, ensure_schema, from_sql, get_json, lock, open_live, put_json, sql_path,
     sync_database, to_sql, Access, KvTable, SqlContext, StoreError,
@@ -237,6 +237,57 @@ pub(crate) fn last_message_index(conn: &Connection, path: &Path) -> Result<u64, 
     from_sql(last.unwrap_or(0), "message index", path)
 }
 
+/// Cuts a copy of the state machine back to its state as of a snapshot: `meta`'s last log id
+/// and membership, and the messages up to global index `last_message`. Exact because applying
+/// only ever adds rows: a message, once stored, never changes; a conversation's counters are
+/// those of its last message.
+pub(crate) fn cut_back(
+    conn: &mut Connection,
+    path: &Path,
+    meta: &SnapshotMeta,
+    last_message: u64,
+) -> Result<(), StoreError> {
+    let last = to_sql(last_message, "message index", path)?;
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .at(path)?;
+    let stored = last_message_index(&tx, path)?;
+    if stored < last_message {
+        return Err(StoreError::invalid(
+            path,
+            format!("the copy ends at message {stored}, before snapshot {meta} (message {last_message})"),
+        ));
+    }
+    tx.execute_batch("CREATE TEMP TABLE later (conv_id TEXT PRIMARY KEY) WITHOUT ROWID;")
+        .at(path)?;
+    tx.execute(
+        "INSERT INTO temp.later SELECT DISTINCT conv_id FROM messages WHERE idx > ?1",
+        [last],
+    )
+    .at(path)?;
+    tx.execute("DELETE FROM messages WHERE idx > ?1", [last])
+        .at(path)?;
+    tx.execute_batch(
+        "DELETE FROM conversations WHERE conv_id IN (SELECT conv_id FROM temp.later);
+         INSERT INTO conversations (conv_id, last_seq, last_index)
+         SELECT m.conv_id, m.seq, m.idx
+         FROM temp.later l
+         JOIN messages m ON m.conv_id = l.conv_id
+             AND m.seq = (SELECT MAX(seq) FROM messages WHERE conv_id = l.conv_id);
+         DROP TABLE temp.later;",
+    )
+    .at(path)?;
+    match &meta.last_log_id {
+        Some(l) => put_sm_meta(&tx, path, KEY_LAST_APPLIED, l)?,
+        None => {
+            tx.execute("DELETE FROM sm_meta WHERE key = ?1", [KEY_LAST_APPLIED])
+                .at(path)?;
+        }
+    }
+    put_sm_meta(&tx, path, KEY_MEMBERSHIP, &meta.last_membership)?;
+    tx.commit().at(path)
+}
+
 /// Stores the messages of one apply transaction.
 ///
 /// Built once per transaction: the statements are looked up once (not per message), and each
@@ -450,6 +501,7 @@ impl SmShared {
     /// snapshot.
     fn install_blocking(&self, file: TempFile, meta: &SnapshotMeta) -> Result<(), StoreError> {
         snapshot::validate(file.path(), meta)?;
+        let last;
         {
             let mut conn = lock(&self.conn, &self.path)?;
             replace_state(&mut conn, &self.path, file.path(), meta)?;
@@ -458,14 +510,14 @@ impl SmShared {
             // The windows describe the replaced state: subscribers re-read from the new one.
             self.tail.reset();
             crate::metrics::set_conv_bytes(conv_payload_bytes(&conn, &self.path)?);
-            let last = last_message_index(&conn, &self.path)?;
+            last = last_message_index(&conn, &self.path)?;
             self.growth.set_in_snapshot(last);
             self.growth.set_stored(last);
         }
         // The state machine now is the snapshot: tell readers before anything else can fail.
         self.applied
             .send_replace(meta.last_log_id.map_or(0, |l| l.index));
-        self.snapshots.publish(file, meta)?;
+        self.snapshots.publish(file, meta, last)?;
         Ok(())
     }
 }
@@ -594,7 +646,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         )
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<File>, StorageError> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
         let inner = self.inner.clone();
         let file = blocking(move || {
             let path = inner.snapshots.temp_path("recv");
@@ -610,18 +662,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await
         .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
-        Ok(Box::new(File::from_std(file)))
+        Ok(Box::new(SnapshotData::from(File::from_std(file))))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        mut snapshot: Box<File>,
+        snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
         let subject = ErrorSubject::Snapshot(Some(meta.signature()));
         let fail = |e: StoreError| e.into_storage(subject.clone(), ErrorVerb::Write);
         let snapshots = self.inner.snapshots.clone();
         snapshots.check_id(&meta.snapshot_id).map_err(fail)?;
+        // A recorded snapshot handed over whole (a test, say) is written out first.
+        let mut snapshot = snapshot.into_file().await.map_err(fail)?;
 
         // Durability: the received bytes are on disk before the state machine depends on them.
         let here = snapshots.path().to_path_buf();
@@ -663,13 +717,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let snapshots = self.inner.snapshots.clone();
-        let current = blocking(move || snapshots.current())
+        let inner = self.inner.clone();
+        let current = blocking(move || inner.snapshots.current(&inner.path))
             .await
             .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Read))?;
-        Ok(current.map(|(meta, file)| Snapshot {
+        Ok(current.map(|(meta, data)| Snapshot {
             meta,
-            snapshot: Box::new(File::from_std(file)),
+            snapshot: Box::new(data),
         }))
     }
 }

@@ -1,23 +1,36 @@
-//! Snapshots: consistent SQLite copies of `messages.db` in `snapshots/`.
+//! Snapshots of `messages.db` in `snapshots/`: recorded at once, written out when sent.
 //!
-//! A snapshot is two files: `<snapshot_id>.db`, a standalone SQLite database (rollback journal
-//! mode, so the single file is the whole snapshot), and `<snapshot_id>.meta.json`, its
-//! [`SnapshotMeta`]. The meta file is written last: a `.meta.json` exists only for a complete,
-//! fsynced `.db`. Work in progress lives in `*.tmp` files, removed when the store opens.
+//! The state machine only ever adds rows: a message stored at global index `i` never changes
+//! or goes away. So the state as of a log id is the live database cut back to the messages it
+//! held then, and a snapshot need not be copied when openraft asks for one. Building one
+//! *records* it: `<snapshot_id>.meta.json` holds its [`SnapshotMeta`] and the global index of
+//! its last message, written after `messages.db` is on disk (so the log behind it can go).
+//! The copy, `<snapshot_id>.db`, is *written out* only when a node has to be sent the snapshot
+//! ([`SnapshotData::into_file`]): a `VACUUM INTO` of the live database, cut back to the
+//! recorded point. A received snapshot is written out from the start.
+//!
+//! A `.db` is a standalone SQLite database (rollback journal mode, so the single file is the
+//! whole snapshot), moved into place only once complete and fsynced. A `.meta.json` without a
+//! `.db` is a recorded snapshot. Work in progress lives in `*.tmp` files, removed when the
+//! store opens.
 
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use openraft::storage::RaftSnapshotBuilder;
 use openraft::{ErrorSubject, ErrorVerb, Snapshot};
 use rusqlite::{Connection, OpenFlags};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncSeek, AsyncWrite, ReadBuf};
 
 use super::growth::MessageGrowth;
 use super::reader::RECORD_COLUMNS;
-use super::sm::{last_message_index, read_applied_state};
+use super::sm::{cut_back, last_message_index, read_applied_state};
 use super::{
     blocking, fsync_dir, lock, open_live, sql_path, sync_database, Access, SqlContext, StoreError,
     SCHEMA_VERSION,
@@ -34,6 +47,44 @@ pub(crate) struct SnapshotDir {
     /// Serializes publishing, clean-up and lookup, so that a lookup never opens a file that a
     /// concurrent publish is deleting, and a slow build never deletes a newer install.
     lock: Mutex<()>,
+    /// Held while a recorded snapshot is written out, so that two nodes needing the same one
+    /// at once get one copy.
+    writing: Mutex<()>,
+}
+
+/// What a `.meta.json` holds. Files of chatraftd 0.1 before recorded snapshots hold the bare
+/// [`SnapshotMeta`], and always have their `.db`.
+#[derive(Serialize, Deserialize)]
+struct MetaFile {
+    meta: SnapshotMeta,
+    /// Global index of the snapshot's last message.
+    last_message: Option<u64>,
+}
+
+impl MetaFile {
+    fn parse(bytes: &[u8], path: &Path) -> Result<MetaFile, StoreError> {
+        serde_json::from_slice(bytes)
+            .or_else(|e| match serde_json::from_slice::<SnapshotMeta>(bytes) {
+                Ok(meta) => Ok(MetaFile {
+                    meta,
+                    last_message: None,
+                }),
+                Err(_) => Err(e),
+            })
+            .map_err(|source| StoreError::Serde {
+                what: "snapshot meta",
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+}
+
+/// A snapshot in the directory.
+struct Listed {
+    meta: SnapshotMeta,
+    last_message: Option<u64>,
+    /// Its `.db` exists; otherwise it is recorded only.
+    written: bool,
 }
 
 impl SnapshotDir {
@@ -50,6 +101,7 @@ impl SnapshotDir {
         Ok(Arc::new(SnapshotDir {
             path: path.to_path_buf(),
             lock: Mutex::new(()),
+            writing: Mutex::new(()),
         }))
     }
 
@@ -102,16 +154,47 @@ impl SnapshotDir {
         &self,
         db: TempFile,
         meta: &SnapshotMeta,
+        last_message: u64,
     ) -> Result<fs::File, StoreError> {
         self.check_id(&meta.snapshot_id)?;
         let _guard = lock(&self.lock, &self.path)?;
-        let db_path = self.db_path(&meta.snapshot_id);
+        let db_path = self.move_into_place(db, &meta.snapshot_id)?;
+        self.write_meta(meta, last_message)?;
+        // Open before the clean-up: even if a newer snapshot wins, the handle stays readable.
+        let file = fs::File::open(&db_path).map_err(StoreError::io("open", &db_path))?;
+        self.remove_all_but_newest(meta)?;
+        tracing::info!(snapshot = %meta, "snapshot is current");
+        Ok(file)
+    }
+
+    /// Makes a recorded snapshot the current one and deletes older ones. The caller has put
+    /// the state machine on disk as of `meta` first: from here on the log behind it may go.
+    pub(crate) fn record(&self, meta: &SnapshotMeta, last_message: u64) -> Result<(), StoreError> {
+        self.check_id(&meta.snapshot_id)?;
+        let _guard = lock(&self.lock, &self.path)?;
+        self.write_meta(meta, last_message)?;
+        self.remove_all_but_newest(meta)?;
+        tracing::info!(snapshot = %meta, last_message, "snapshot recorded");
+        Ok(())
+    }
+
+    /// Renames a complete, fsynced copy to `<id>.db` and fsyncs the directory.
+    fn move_into_place(&self, db: TempFile, id: &str) -> Result<PathBuf, StoreError> {
+        let db_path = self.db_path(id);
         fs::rename(db.path(), &db_path).map_err(StoreError::io("move snapshot into", &db_path))?;
         db.keep();
         fsync_dir(&self.path)?;
+        Ok(db_path)
+    }
 
+    /// Writes `<id>.meta.json` through a temporary file and fsyncs the directory.
+    fn write_meta(&self, meta: &SnapshotMeta, last_message: u64) -> Result<(), StoreError> {
         let meta_tmp = TempFile::new(self.temp_path("meta"));
-        let json = serde_json::to_vec_pretty(meta).map_err(|source| StoreError::Serde {
+        let contents = MetaFile {
+            meta: meta.clone(),
+            last_message: Some(last_message),
+        };
+        let json = serde_json::to_vec_pretty(&contents).map_err(|source| StoreError::Serde {
             what: "snapshot meta",
             path: meta_tmp.path().to_path_buf(),
             source,
@@ -126,17 +209,46 @@ impl SnapshotDir {
         fs::rename(meta_tmp.path(), &meta_path)
             .map_err(StoreError::io("move snapshot meta into", &meta_path))?;
         meta_tmp.keep();
-        fsync_dir(&self.path)?;
+        fsync_dir(&self.path)
+    }
 
-        // Open before the clean-up: even if a newer snapshot wins, the handle stays readable.
-        let file = fs::File::open(&db_path).map_err(StoreError::io("open", &db_path))?;
-        self.remove_all_but_newest(meta)?;
-        tracing::info!(snapshot = %meta, "snapshot is current");
+    /// The file of a recorded snapshot, written out from the live database `live` if this is
+    /// the first time it is needed. Runs alongside `apply`, on a connection of its own.
+    fn write_out(
+        &self,
+        live: &Path,
+        meta: &SnapshotMeta,
+        last_message: u64,
+    ) -> Result<fs::File, StoreError> {
+        let _writing = lock(&self.writing, &self.path)?;
+        let db_path = self.db_path(&meta.snapshot_id);
+        {
+            let _guard = lock(&self.lock, &self.path)?;
+            match fs::File::open(&db_path) {
+                Ok(file) => return Ok(file),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("open", &db_path)(e)),
+            }
+        }
+        let started = std::time::Instant::now();
+        let tmp = TempFile::new(self.temp_path("build"));
+        copy_state_as_of(live, tmp.path(), Some((meta, last_message)))?;
+        let _guard = lock(&self.lock, &self.path)?;
+        let file = if self.meta_path(&meta.snapshot_id).exists() {
+            let db_path = self.move_into_place(tmp, &meta.snapshot_id)?;
+            fs::File::open(&db_path).map_err(StoreError::io("open", &db_path))?
+        } else {
+            // A newer snapshot replaced this one meanwhile. The copy is still right for `meta`:
+            // hand it out open; the file itself goes with `tmp`.
+            fs::File::open(tmp.path()).map_err(StoreError::io("open", tmp.path()))?
+        };
+        crate::metrics::SNAPSHOT_WRITE.observe(started.elapsed());
+        tracing::info!(snapshot = %meta, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot written out");
         Ok(file)
     }
 
-    /// Every snapshot with a meta file and its db present.
-    fn list(&self) -> Result<Vec<SnapshotMeta>, StoreError> {
+    /// Every snapshot written out or recorded: a meta file, and its db or its last message.
+    fn list(&self) -> Result<Vec<Listed>, StoreError> {
         let mut out = Vec::new();
         for entry in fs::read_dir(&self.path).map_err(StoreError::io("list", &self.path))? {
             let entry = entry.map_err(StoreError::io("list", &self.path))?;
@@ -144,18 +256,18 @@ impl SnapshotDir {
             let Some(id) = name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX)) else {
                 continue;
             };
-            if !self.db_path(id).exists() {
-                continue;
-            }
             let p = entry.path();
             let bytes = fs::read(&p).map_err(StoreError::io("read", &p))?;
-            let meta: SnapshotMeta =
-                serde_json::from_slice(&bytes).map_err(|source| StoreError::Serde {
-                    what: "snapshot meta",
-                    path: p.clone(),
-                    source,
-                })?;
-            out.push(meta);
+            let file = MetaFile::parse(&bytes, &p)?;
+            let written = self.db_path(id).exists();
+            // A meta file of the old format without its db: the rest of a removed snapshot.
+            if written || file.last_message.is_some() {
+                out.push(Listed {
+                    meta: file.meta,
+                    last_message: file.last_message,
+                    written,
+                });
+            }
         }
         Ok(out)
     }
@@ -164,9 +276,9 @@ impl SnapshotDir {
     /// orphaned db files. Temporary files belong to work in progress and are left alone.
     fn remove_all_but_newest(&self, published: &SnapshotMeta) -> Result<(), StoreError> {
         let mut keep = published.clone();
-        for m in self.list()? {
-            if m.last_log_id > keep.last_log_id {
-                keep = m;
+        for listed in self.list()? {
+            if listed.meta.last_log_id > keep.last_log_id {
+                keep = listed.meta;
             }
         }
         for entry in fs::read_dir(&self.path).map_err(StoreError::io("list", &self.path))? {
@@ -186,40 +298,158 @@ impl SnapshotDir {
         Ok(())
     }
 
-    /// The newest complete snapshot, opened for reading at offset 0.
-    pub(crate) fn current(&self) -> Result<Option<(SnapshotMeta, fs::File)>, StoreError> {
-        self.with_newest(|newest| match newest {
-            None => Ok(None),
-            Some((meta, p)) => {
-                let file = fs::File::open(&p).map_err(StoreError::io("open", &p))?;
-                Ok(Some((meta, file)))
-            }
-        })
-    }
-
-    /// The global index of the last message in the newest complete snapshot (0 without one).
-    pub(crate) fn current_last_message(&self) -> Result<u64, StoreError> {
-        self.with_newest(|newest| match newest {
-            None => Ok(0),
-            Some((_, p)) => last_message_index(&open_snapshot_file(&p, false)?, &p),
-        })
-    }
-
-    /// Runs `f` on the newest complete snapshot's meta and file, under the directory's lock,
-    /// so that a concurrent publish cannot delete the file meanwhile.
-    fn with_newest<T>(
-        &self,
-        f: impl FnOnce(Option<(SnapshotMeta, PathBuf)>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
+    /// The newest snapshot: its file opened for reading at offset 0, or, if it is recorded
+    /// only, the means to write it out from the live database `live`.
+    pub(crate) fn current(
+        self: &Arc<Self>,
+        live: &Path,
+    ) -> Result<Option<(SnapshotMeta, SnapshotData)>, StoreError> {
         let _guard = lock(&self.lock, &self.path)?;
-        let newest = self
+        let Some(newest) = self.newest()? else {
+            return Ok(None);
+        };
+        let data = match (newest.written, newest.last_message) {
+            (false, Some(last_message)) => SnapshotData(Data::Recorded(Recorded {
+                snapshots: self.clone(),
+                live: live.to_path_buf(),
+                meta: newest.meta.clone(),
+                last_message,
+            })),
+            _ => {
+                let p = self.db_path(&newest.meta.snapshot_id);
+                let file = fs::File::open(&p).map_err(StoreError::io("open", &p))?;
+                SnapshotData::from(tokio::fs::File::from_std(file))
+            }
+        };
+        Ok(Some((newest.meta, data)))
+    }
+
+    /// The global index of the last message in the newest snapshot (0 without one).
+    pub(crate) fn current_last_message(&self) -> Result<u64, StoreError> {
+        let _guard = lock(&self.lock, &self.path)?;
+        match self.newest()? {
+            None => Ok(0),
+            Some(Listed {
+                last_message: Some(last),
+                ..
+            }) => Ok(last),
+            Some(Listed { meta, .. }) => {
+                let p = self.db_path(&meta.snapshot_id);
+                last_message_index(&open_snapshot_file(&p, false)?, &p)
+            }
+        }
+    }
+
+    /// The newest snapshot by last log id; the caller holds the directory's lock, so that a
+    /// concurrent publish cannot delete its files meanwhile.
+    fn newest(&self) -> Result<Option<Listed>, StoreError> {
+        Ok(self
             .list()?
             .into_iter()
-            .max_by(|a, b| a.last_log_id.cmp(&b.last_log_id));
-        f(newest.map(|meta| {
-            let p = self.db_path(&meta.snapshot_id);
-            (meta, p)
-        }))
+            .max_by(|a, b| a.meta.last_log_id.cmp(&b.meta.last_log_id)))
+    }
+}
+
+/// A snapshot's bytes as openraft holds them: an open file, or a recorded snapshot that
+/// [`SnapshotData::into_file`] writes out. Reading, writing or seeking a recorded one fails:
+/// the code that sends a snapshot turns it into a file first.
+pub struct SnapshotData(Data);
+
+enum Data {
+    File(tokio::fs::File),
+    Recorded(Recorded),
+}
+
+/// A recorded snapshot and what it takes to write it out.
+struct Recorded {
+    snapshots: Arc<SnapshotDir>,
+    live: PathBuf,
+    meta: SnapshotMeta,
+    last_message: u64,
+}
+
+impl From<tokio::fs::File> for SnapshotData {
+    fn from(file: tokio::fs::File) -> SnapshotData {
+        SnapshotData(Data::File(file))
+    }
+}
+
+impl SnapshotData {
+    /// The snapshot as a file at offset 0, writing a recorded snapshot out first (once: later
+    /// calls find the file).
+    pub async fn into_file(self) -> Result<tokio::fs::File, StoreError> {
+        match self.0 {
+            Data::File(file) => Ok(file),
+            Data::Recorded(r) => {
+                let file =
+                    blocking(move || r.snapshots.write_out(&r.live, &r.meta, r.last_message))
+                        .await?;
+                Ok(tokio::fs::File::from_std(file))
+            }
+        }
+    }
+
+    fn file(&mut self) -> io::Result<Pin<&mut tokio::fs::File>> {
+        match &mut self.0 {
+            Data::File(file) => Ok(Pin::new(file)),
+            Data::Recorded(r) => Err(io::Error::other(format!(
+                "snapshot {} is recorded only: write it out before reading it",
+                r.meta
+            ))),
+        }
+    }
+}
+
+impl AsyncRead for SnapshotData {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut().file() {
+            Ok(f) => f.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for SnapshotData {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut().file() {
+            Ok(f) => f.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().file() {
+            Ok(f) => f.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().file() {
+            Ok(f) => f.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncSeek for SnapshotData {
+    fn start_seek(self: Pin<&mut Self>, position: io::SeekFrom) -> io::Result<()> {
+        self.get_mut().file()?.start_seek(position)
+    }
+
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        match self.get_mut().file() {
+            Ok(f) => f.poll_complete(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -322,6 +552,16 @@ pub(crate) fn check_state_file(
 /// `dst` (which must not exist): `VACUUM INTO` inside one read transaction, switched to a
 /// rollback journal so the single file is the whole copy, and fsynced.
 pub(crate) fn copy_state(source: &Path, dst: &Path) -> Result<(), StoreError> {
+    copy_state_as_of(source, dst, None)
+}
+
+/// [`copy_state`], cut back to the state as of a snapshot when `as_of` gives one: its meta
+/// and the global index of its last message.
+fn copy_state_as_of(
+    source: &Path,
+    dst: &Path,
+    as_of: Option<(&SnapshotMeta, u64)>,
+) -> Result<(), StoreError> {
     {
         let conn = open_live(source, Access::ReadOnly)?;
         // VACUUM INTO writes the copy with this connection's `synchronous`: with FULL it
@@ -333,7 +573,7 @@ pub(crate) fn copy_state(source: &Path, dst: &Path) -> Result<(), StoreError> {
             .at(source)?;
     }
     {
-        let conn = open_snapshot_file(dst, true)?;
+        let mut conn = open_snapshot_file(dst, true)?;
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "DELETE", |r| r.get(0))
             .at(dst)?;
@@ -342,6 +582,11 @@ pub(crate) fn copy_state(source: &Path, dst: &Path) -> Result<(), StoreError> {
                 dst,
                 format!("copy journal_mode is {mode}, expected delete"),
             ));
+        }
+        if let Some((meta, last_message)) = as_of {
+            // The copy is fsynced as a whole below.
+            conn.pragma_update(None, "synchronous", "OFF").at(dst)?;
+            cut_back(&mut conn, dst, meta, last_message)?;
         }
     }
     let file = fs::File::open(dst).map_err(StoreError::io("open", dst))?;
@@ -393,7 +638,7 @@ fn write_out_in_steps(file: &fs::File) -> io::Result<()> {
     Ok(())
 }
 
-/// Builds snapshots of the state machine; runs concurrently with `apply`.
+/// Records snapshots of the state machine; runs concurrently with `apply`.
 pub struct SnapshotBuilder {
     /// Path of `messages.db`; the builder opens its own connection to it.
     db_path: PathBuf,
@@ -416,21 +661,20 @@ impl SnapshotBuilder {
         }
     }
 
-    fn build_blocking(&self) -> Result<(SnapshotMeta, fs::File), StoreError> {
-        let tmp = TempFile::new(self.snapshots.temp_path("build"));
-        // A separate connection: VACUUM INTO reads inside one read transaction, so the copy
-        // is the database as of one COMMIT, while the state machine keeps applying.
-        copy_state(&self.db_path, tmp.path())?;
-        // Durability: the state machine commits without fsync; put what the copy holds on disk
-        // in the live database too before the snapshot lets openraft purge the log behind it.
-        sync_database(&self.db_path)?;
-        // The meta is read from the copy itself, so it describes exactly what was copied.
+    fn build_blocking(&self) -> Result<(SnapshotMeta, u64), StoreError> {
+        // A separate connection, and one read transaction: the meta and the last message are
+        // of the same COMMIT, while the state machine keeps applying.
         let (last_log_id, last_membership, last_message) = {
-            let conn = open_snapshot_file(tmp.path(), false)?;
-            let (applied, membership) = read_applied_state(&conn, tmp.path())?;
-            (applied, membership, last_message_index(&conn, tmp.path())?)
+            let mut conn = open_live(&self.db_path, Access::ReadOnly)?;
+            let tx = conn.transaction().at(&self.db_path)?;
+            let (applied, membership) = read_applied_state(&tx, &self.db_path)?;
+            let last = last_message_index(&tx, &self.db_path)?;
+            (applied, membership, last)
         };
-        // Durability: copy_state fsynced the snapshot's bytes before it is published.
+        // Durability: the state machine commits without fsync; put it on disk, up to at least
+        // this point, before the snapshot lets openraft purge the log behind it. From then on
+        // the live database holds the snapshot's state, and it only ever grows.
+        sync_database(&self.db_path)?;
 
         let millis = chrono::Utc::now().timestamp_millis();
         let snapshot_id = match &last_log_id {
@@ -442,9 +686,9 @@ impl SnapshotBuilder {
             last_membership,
             snapshot_id,
         };
-        let file = self.snapshots.publish(tmp, &meta)?;
+        self.snapshots.record(&meta, last_message)?;
         self.growth.set_in_snapshot(last_message);
-        Ok((meta, file))
+        Ok((meta, last_message))
     }
 }
 
@@ -456,13 +700,19 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             self.growth.clone(),
         );
         let started = std::time::Instant::now();
-        let (meta, file) = blocking(move || builder.build_blocking())
+        let (meta, last_message) = blocking(move || builder.build_blocking())
             .await
             .map_err(|e| e.into_storage(ErrorSubject::Snapshot(None), ErrorVerb::Write))?;
         crate::metrics::SNAPSHOT_BUILD.observe(started.elapsed());
+        let data = SnapshotData(Data::Recorded(Recorded {
+            snapshots: self.snapshots.clone(),
+            live: self.db_path.clone(),
+            meta: meta.clone(),
+            last_message,
+        }));
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(tokio::fs::File::from_std(file)),
+            snapshot: Box::new(data),
         })
     }
 }

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::error::Error;
+use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -397,12 +398,16 @@ async fn transfer(
     leader: &mut StateMachineStore,
     follower: &mut StateMachineStore,
 ) -> Result<SnapshotMeta, Box<dyn Error>> {
-    let mut snap = leader
+    let snap = leader
         .get_current_snapshot()
         .await?
         .ok_or("leader has no snapshot")?;
     let mut bytes = Vec::new();
-    snap.snapshot.read_to_end(&mut bytes).await?;
+    snap.snapshot
+        .into_file()
+        .await?
+        .read_to_end(&mut bytes)
+        .await?;
     let mut rx = follower.begin_receiving_snapshot().await?;
     for chunk in bytes.chunks(1000) {
         rx.write_all(chunk).await?;
@@ -502,13 +507,13 @@ async fn bad_snapshots_are_refused_and_state_is_kept() -> TestResult {
     let mut lying = good.meta.clone();
     lying.last_log_id = Some(lid(9, 99));
     let rx = follower.sm.begin_receiving_snapshot().await?;
-    let mut snap = leader
+    let snap = leader
         .sm
         .get_current_snapshot()
         .await?
         .ok_or("leader has no snapshot")?;
     let mut rx = rx;
-    tokio::io::copy(&mut snap.snapshot, &mut *rx).await?;
+    tokio::io::copy(&mut snap.snapshot.into_file().await?, &mut *rx).await?;
     rx.shutdown().await?;
     assert!(follower.sm.install_snapshot(&lying, rx).await.is_err());
 
@@ -605,16 +610,97 @@ async fn a_newer_snapshot_replaces_the_older_one() -> TestResult {
     let second = build_snapshot(&mut s.sm).await?;
     assert_eq!(first.meta.last_log_id, Some(lid(1, 2)));
     assert_eq!(second.meta.last_log_id, Some(lid(1, 3)));
+    // Recorded, not written out: the meta alone.
     let id = &second.meta.snapshot_id;
+    assert_eq!(snapshot_files(&dir)?, vec![format!("{id}.meta.json")]);
+    // The replaced snapshot can still be written out, as of its own point, and leaves no
+    // file behind.
+    let mut bytes = Vec::new();
+    first
+        .snapshot
+        .into_file()
+        .await?
+        .read_to_end(&mut bytes)
+        .await?;
+    assert_eq!(snapshot_files(&dir)?, vec![format!("{id}.meta.json")]);
+    let copy = dir.path().join("first-copy.db");
+    std::fs::write(&copy, &bytes)?;
+    let conn = rusqlite::Connection::open(&copy)?;
+    assert_eq!(
+        super::snapshot::check_state_file(&conn, &copy)?,
+        (first.meta.last_log_id, first.meta.last_membership.clone())
+    );
+    let payloads: Vec<String> = conn
+        .prepare("SELECT payload FROM messages ORDER BY idx")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    assert_eq!(payloads, ["a"]);
+    Ok(())
+}
+
+/// A recorded snapshot is written out when first needed, cut back to its own point although
+/// the state machine went on, and written once.
+#[tokio::test]
+async fn a_recorded_snapshot_is_written_out_as_of_its_point() -> TestResult {
+    let (dir, mut leader) = fresh().await?;
+    let mut entries = vec![membership_entry(1, 1, &[1, 2])];
+    for i in 2..=20 {
+        entries.push(post(
+            1,
+            i,
+            &msg(["a", "b"][i as usize % 2], &format!("m{i}")),
+        ));
+    }
+    leader.sm.apply(entries).await?;
+    let built = build_snapshot(&mut leader.sm).await?;
+    let at_snapshot = dump(&leader.reader).await?;
+
+    // Later: more of an existing conversation, a new conversation, a new membership.
+    let later = vec![
+        post(2, 21, &msg("a", "later")),
+        post(2, 22, &msg("new", "later")),
+        membership_entry(2, 23, &[1, 2, 3]),
+        post(2, 24, &msg("b", "later")),
+    ];
+    leader.sm.apply(later.clone()).await?;
+    let id = &built.meta.snapshot_id;
+    assert_eq!(snapshot_files(&dir)?, vec![format!("{id}.meta.json")]);
+
+    // Reopened, the store still offers the recorded snapshot.
+    drop(leader);
+    let mut leader = open(dir.path()).await?;
+    let (fdir, mut follower) = fresh().await?;
+    let meta = transfer(&mut leader.sm, &mut follower.sm).await?;
+    assert_eq!(meta, built.meta);
     assert_eq!(
         snapshot_files(&dir)?,
         vec![format!("{id}.db"), format!("{id}.meta.json")]
     );
-    // The handle of the deleted snapshot still reads the whole file.
-    let mut old = first.snapshot;
-    let mut bytes = Vec::new();
-    old.read_to_end(&mut bytes).await?;
-    assert!(bytes.starts_with(b"SQLite format 3\0"));
+    assert_eq!(dump(&follower.reader).await?, at_snapshot);
+    assert_eq!(
+        follower.sm.applied_state().await?,
+        (built.meta.last_log_id, built.meta.last_membership.clone())
+    );
+
+    // The second node to need it gets the same file, not a new copy.
+    let written = std::fs::metadata(dir.path().join(SNAPSHOT_DIR).join(format!("{id}.db")))?;
+    let (_gdir, mut other) = fresh().await?;
+    transfer(&mut leader.sm, &mut other.sm).await?;
+    let again = std::fs::metadata(dir.path().join(SNAPSHOT_DIR).join(format!("{id}.db")))?;
+    assert_eq!(
+        (written.ino(), written.modified()?),
+        (again.ino(), again.modified()?)
+    );
+    assert_eq!(dump(&other.reader).await?, at_snapshot);
+
+    // It goes on from the snapshot with the leader's log and ends identical to it.
+    follower.sm.apply(later).await?;
+    assert_eq!(dump(&follower.reader).await?, dump(&leader.reader).await?);
+    assert_eq!(
+        follower.sm.applied_state().await?,
+        leader.sm.applied_state().await?
+    );
+    drop(fdir);
     Ok(())
 }
 
