@@ -5,8 +5,9 @@
 //!   `raft-log.db`.
 //! - [`sm`]: [`StateMachineStore`], the only writer of `messages.db` (messages, conversations,
 //!   last applied log id and membership).
-//! - [`snapshot`]: [`SnapshotBuilder`] and the `snapshots/` directory: consistent copies of
-//!   `messages.db` made with `VACUUM INTO`, and the install of a received one.
+//! - [`snapshot`]: [`SnapshotBuilder`] and the `snapshots/` directory: snapshots recorded
+//!   when taken and copied from `messages.db` (`VACUUM INTO`, cut back to the snapshot's point)
+//!   when first sent, and the install of a received one.
 //! - [`reader`]: [`MessageReader`], a small pool of read-only connections for the HTTP API,
 //!   and the live tails ([`crate::fanout::Tail`]) the state machine fills after each apply.
 //!
@@ -20,8 +21,8 @@
 //!   `synchronous=NORMAL` (one fsync fewer on every write's path; a crash of the process loses
 //!   nothing, a power cut may roll it back to an earlier COMMIT, never a torn one). What must
 //!   hold is that no entry it lacks is purged from the log: the log is purged only behind a
-//!   snapshot, and a snapshot is published only after [`sync_database`] has put the state
-//!   machine it copied on disk; an installed snapshot is synced the same way.
+//!   snapshot, and a snapshot is recorded only after [`sync_database`] has put the state
+//!   machine on disk up to it; an installed snapshot is synced the same way.
 //! - `append` reports the flush to openraft only after its transaction committed
 //!   ([`LogStore`]'s `append`); `save_vote` returns only after its commit.
 //! - `apply` waits until every entry it applies is in this node's log on disk

@@ -722,6 +722,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn meta_files_of_both_formats_are_read() {
+        let meta = SnapshotMeta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 40)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: "3-40-1".to_owned(),
+        };
+        let path = Path::new("x.meta.json");
+        // Earlier versions wrote the bare meta, always beside its db.
+        let old = MetaFile::parse(&serde_json::to_vec(&meta).unwrap(), path).unwrap();
+        assert_eq!((old.meta, old.last_message), (meta.clone(), None));
+        let now = MetaFile {
+            meta: meta.clone(),
+            last_message: Some(39),
+        };
+        let new = MetaFile::parse(&serde_json::to_vec(&now).unwrap(), path).unwrap();
+        assert_eq!((new.meta, new.last_message), (meta, Some(39)));
+        assert!(MetaFile::parse(b"{\"meta\": 1}", path).is_err());
+    }
+
+    #[test]
     fn a_copy_is_written_out_in_steps_without_an_error() {
         // Wrong arguments (EINVAL) would go unnoticed in use: `copy_state` takes them for a
         // file system without the call and lets the fsync write the copy in one go. So the
