@@ -141,6 +141,21 @@ pub async fn restore(config: &Config, backup_file: &Path) -> Result<BackupInfo, 
             )));
         }
     }
+    // A snapshot left from another state would outrank the restored one, and be cut back from
+    // the restored messages when it is sent.
+    let snapshots = config.data_dir.join(store::SNAPSHOT_DIR);
+    let leftover = match std::fs::read_dir(&snapshots) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(StoreError::io("list", &snapshots)(e).into()),
+    };
+    if leftover {
+        return Err(BackupError::Refused(format!(
+            "data dir {} already holds {}/ with files in it: restore needs a fresh data dir",
+            config.data_dir.display(),
+            store::SNAPSHOT_DIR
+        )));
+    }
     let info = inspect(backup_file, backup_file)?;
 
     // A private copy whose membership is this node alone; the backup itself is not touched.

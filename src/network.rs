@@ -10,6 +10,7 @@
 // returning it are on the RPC path, where one allocation more would buy nothing.
 #![allow(clippy::result_large_err)]
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,8 +19,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use std::future::Future;
-
 use openraft::error::{
     Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed,
     StreamingError, Unreachable,
@@ -30,6 +29,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     SnapshotResponse, VoteRequest, VoteResponse,
 };
+use openraft::{OptionalSend, Snapshot, Vote};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use warp::Filter;
@@ -38,7 +38,6 @@ use crate::security::{self, Security, SECRET_HEADER};
 use crate::store::SnapshotData;
 use crate::tls::Connector;
 use crate::types::{Node, NodeId, Raft, TypeConfig};
-use openraft::{ErrorSubject, ErrorVerb, OptionalSend, Snapshot, Vote};
 
 /// The one HTTP client of a node: keep-alive connections to peers are pooled and reused by
 /// Raft RPC and by forwarded client requests alike.
@@ -345,9 +344,16 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         let Snapshot { meta, snapshot } = snapshot;
         let mut cancel = Box::pin(cancel);
         let file = tokio::select! {
-            file = snapshot.into_file() => file.map_err(|e| {
-                e.into_storage(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read)
-            })?,
+            file = snapshot.into_file() => match file {
+                Ok(file) => file,
+                // Not a storage error: openraft stops the node on one of those. The copy can
+                // fail for a while (a full disk) while the node is sound; replication backs
+                // off and asks again.
+                Err(e) => {
+                    tracing::warn!(snapshot = %meta, peer = self.target, error = %e, "cannot write out the snapshot to send; will try again");
+                    return Err(StreamingError::Unreachable(Unreachable::new(&e)));
+                }
+            },
             closed = cancel.as_mut() => return Err(closed.into()),
         };
         let snapshot = Snapshot {

@@ -130,6 +130,29 @@ async fn a_cluster_rebuilt_from_a_backup_holds_exactly_the_backed_up_messages() 
     ]);
     assert!(!ok, "a second restore into a live data dir must fail");
     assert!(err.contains("locked") || err.contains("fresh"), "{err}");
+    // So is one into a data dir that holds nothing but a snapshot of another state.
+    let node1 = r.node(1);
+    let stale = node1.config.data_dir.with_file_name("stale-data");
+    std::fs::create_dir_all(stale.join("snapshots")).expect("creating a stale data dir");
+    std::fs::write(stale.join("snapshots").join("9-9-9.meta.json"), "{}").expect("writing");
+    let stale_config = node1.config_path.with_file_name("stale.toml");
+    let text = std::fs::read_to_string(&node1.config_path).expect("reading the config");
+    let data_line = format!(
+        "data_dir = {:?}",
+        node1.config.data_dir.display().to_string()
+    );
+    assert!(text.contains(&data_line), "{text}");
+    let other_line = format!("data_dir = {:?}", stale.display().to_string());
+    std::fs::write(&stale_config, text.replace(&data_line, &other_line)).expect("writing");
+    let (ok, _, err) = run_cli(&[
+        "restore",
+        "--backup",
+        backup.to_str().unwrap(),
+        "--config",
+        stale_config.to_str().unwrap(),
+    ]);
+    assert!(!ok, "a restore next to a stale snapshot must fail");
+    assert!(err.contains("snapshots/"), "{err}");
     r.add_node().await;
     r.add_node().await;
     let new_ids = r.ids();

@@ -93,7 +93,14 @@ impl SnapshotDir {
         fs::create_dir_all(path).map_err(StoreError::io("create snapshot directory", path))?;
         for entry in fs::read_dir(path).map_err(StoreError::io("list", path))? {
             let entry = entry.map_err(StoreError::io("list", path))?;
-            if entry.file_name().to_string_lossy().ends_with(TMP_SUFFIX) {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            // SQLite's own files beside a temporary database go too.
+            let base = ["-journal", "-wal", "-shm"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            if base.ends_with(TMP_SUFFIX) {
                 let p = entry.path();
                 fs::remove_file(&p).map_err(StoreError::io("remove stale temporary file", &p))?;
             }
@@ -220,7 +227,11 @@ impl SnapshotDir {
         meta: &SnapshotMeta,
         last_message: u64,
     ) -> Result<fs::File, StoreError> {
-        let _writing = lock(&self.writing, &self.path)?;
+        // The lock guards no data: a write-out that panicked leaves nothing to distrust.
+        let _writing = self
+            .writing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let db_path = self.db_path(&meta.snapshot_id);
         {
             let _guard = lock(&self.lock, &self.path)?;
@@ -584,8 +595,18 @@ fn copy_state_as_of(
             ));
         }
         if let Some((meta, last_message)) = as_of {
-            // The copy is fsynced as a whole below.
+            // The copy is fsynced as a whole below, and a failed one is thrown away: no
+            // journal file (which a crash would leave behind), no fsyncs of its own.
             conn.pragma_update(None, "synchronous", "OFF").at(dst)?;
+            let mode: String = conn
+                .pragma_update_and_check(None, "journal_mode", "MEMORY", |r| r.get(0))
+                .at(dst)?;
+            if !mode.eq_ignore_ascii_case("memory") {
+                return Err(StoreError::invalid(
+                    dst,
+                    format!("copy journal_mode is {mode}, expected memory"),
+                ));
+            }
             cut_back(&mut conn, dst, meta, last_message)?;
         }
     }
@@ -720,6 +741,30 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn opening_removes_temporary_files_with_their_sqlite_companions() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "build-1.tmp",
+            "build-1.tmp-journal",
+            "recv-2.tmp-wal",
+            "recv-2.tmp-shm",
+            "1-5-9.meta.json",
+            "1-5-9.db",
+            "notes.tmp.txt",
+        ];
+        for n in names {
+            fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        SnapshotDir::open(dir.path()).unwrap();
+        let mut left: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["1-5-9.db", "1-5-9.meta.json", "notes.tmp.txt"]);
+    }
 
     #[test]
     fn meta_files_of_both_formats_are_read() {
