@@ -515,4 +515,42 @@ mod tests {
         assert_eq!(back, rpc);
         assert!(decode_snapshot_chunk(Bytes::from_static(&[0, 0, 0, 9, b'{'])).is_err());
     }
+
+    /// A storage error would stop the leader; a copy that cannot be made yet (a full disk, a
+    /// vanished file) must only make replication to that peer back off and try again.
+    #[tokio::test]
+    async fn a_snapshot_that_cannot_be_written_out_is_an_unreachable_peer() {
+        use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut stores = crate::store::open(dir.path()).await.unwrap();
+        let snapshot = stores
+            .sm
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        // The copy is made from the live database: without it, writing out fails.
+        std::fs::remove_file(dir.path().join(crate::store::MESSAGES_DB)).unwrap();
+        let node = Node {
+            raft_addr: "127.0.0.1:9".into(),
+            api_addr: "127.0.0.1:9".into(),
+        };
+        let mut peer = Network::new(HttpClient::new(), false)
+            .new_client(2, &node)
+            .await;
+        let sent = peer
+            .full_snapshot(
+                Vote::new_committed(1, 1),
+                snapshot,
+                std::future::pending(),
+                RPCOption::new(Duration::from_secs(1)),
+            )
+            .await;
+        assert!(
+            matches!(sent, Err(StreamingError::Unreachable(_))),
+            "{sent:?}"
+        );
+    }
 }
