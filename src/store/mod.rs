@@ -237,15 +237,7 @@ pub(crate) fn open_live(path: &Path, access: Access) -> Result<Connection, Store
     };
     let conn = Connection::open_with_flags(path, flags).at(path)?;
     conn.busy_timeout(BUSY_TIMEOUT).at(path)?;
-    let mode: String = conn
-        .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-        .at(path)?;
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(StoreError::invalid(
-            path,
-            format!("journal_mode is {mode}, expected wal"),
-        ));
-    }
+    set_journal_mode(&conn, path, "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL").at(path)?;
     Ok(conn)
 }
@@ -376,6 +368,25 @@ pub(crate) fn sync_database(db: &Path) -> Result<(), StoreError> {
         }
     }
     Ok(())
+}
+
+/// Switches `conn` to journal mode `mode`, and fails unless SQLite says it did.
+pub(crate) fn set_journal_mode(
+    conn: &Connection,
+    path: &Path,
+    mode: &str,
+) -> Result<(), StoreError> {
+    let now: String = conn
+        .pragma_update_and_check(None, "journal_mode", mode, |row| row.get(0))
+        .at(path)?;
+    if now.eq_ignore_ascii_case(mode) {
+        Ok(())
+    } else {
+        Err(StoreError::invalid(
+            path,
+            format!("journal_mode is {now}, expected {}", mode.to_lowercase()),
+        ))
+    }
 }
 
 /// A path as SQLite wants it in `VACUUM INTO` and `ATTACH`.

@@ -32,8 +32,8 @@ use super::growth::MessageGrowth;
 use super::reader::RECORD_COLUMNS;
 use super::sm::{cut_back, last_message_index, read_applied_state};
 use super::{
-    blocking, fsync_dir, lock, open_live, sql_path, sync_database, Access, SqlContext, StoreError,
-    SCHEMA_VERSION,
+    blocking, fsync_dir, lock, open_live, set_journal_mode, sql_path, sync_database, Access,
+    SqlContext, StoreError, SCHEMA_VERSION,
 };
 use crate::types::{LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
 
@@ -585,28 +585,12 @@ fn copy_state_as_of(
     }
     {
         let mut conn = open_snapshot_file(dst, true)?;
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "DELETE", |r| r.get(0))
-            .at(dst)?;
-        if !mode.eq_ignore_ascii_case("delete") {
-            return Err(StoreError::invalid(
-                dst,
-                format!("copy journal_mode is {mode}, expected delete"),
-            ));
-        }
+        set_journal_mode(&conn, dst, "DELETE")?;
         if let Some((meta, last_message)) = as_of {
             // The copy is fsynced as a whole below, and a failed one is thrown away: no
             // journal file (which a crash would leave behind), no fsyncs of its own.
             conn.pragma_update(None, "synchronous", "OFF").at(dst)?;
-            let mode: String = conn
-                .pragma_update_and_check(None, "journal_mode", "MEMORY", |r| r.get(0))
-                .at(dst)?;
-            if !mode.eq_ignore_ascii_case("memory") {
-                return Err(StoreError::invalid(
-                    dst,
-                    format!("copy journal_mode is {mode}, expected memory"),
-                ));
-            }
+            set_journal_mode(&conn, dst, "MEMORY")?;
             cut_back(&mut conn, dst, meta, last_message)?;
         }
     }
