@@ -152,7 +152,6 @@ impl SnapshotDir {
     }
 
     /// Makes a complete, fsynced snapshot file the current snapshot and deletes older ones.
-    /// Returns the snapshot opened for reading at offset 0.
     ///
     /// Durability order: rename the db into place and fsync the directory, then write the meta
     /// (temp file, fsync, rename) and fsync the directory again. Only then are older snapshots
@@ -162,16 +161,14 @@ impl SnapshotDir {
         db: TempFile,
         meta: &SnapshotMeta,
         last_message: u64,
-    ) -> Result<fs::File, StoreError> {
+    ) -> Result<(), StoreError> {
         self.check_id(&meta.snapshot_id)?;
         let _guard = lock(&self.lock, &self.path)?;
-        let db_path = self.move_into_place(db, &meta.snapshot_id)?;
+        self.move_into_place(db, &meta.snapshot_id)?;
         self.write_meta(meta, last_message)?;
-        // Open before the clean-up: even if a newer snapshot wins, the handle stays readable.
-        let file = fs::File::open(&db_path).map_err(StoreError::io("open", &db_path))?;
         self.remove_all_but_newest(meta)?;
         tracing::info!(snapshot = %meta, "snapshot is current");
-        Ok(file)
+        Ok(())
     }
 
     /// Makes a recorded snapshot the current one and deletes older ones. The caller has put
